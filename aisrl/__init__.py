@@ -1,0 +1,1 @@
+"""AIS-RL: adaptive importance sampling for low-precision rollouts in GRPO."""

@@ -1,0 +1,170 @@
+"""Value types of the AIS core: the correction config, a mismatch batch, and a result.
+
+Invariant: these types carry data only. Every computation lives in pure functions
+(`aisrl.core.ais`, `aisrl.core.grpo`); every service converts its wire format into
+these types before calling them, so one formulation serves REST, gRPC and the
+learner's local fallback.
+
+Ragged batches are packed: per-token arrays are flat and concatenated over the
+sequences; `lengths[s]` tokens belong to sequence s, in order. Only valid
+response tokens are carried (the mask is implicit: every carried token counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# delta = lp_pi - lp_mu is clamped to this range before exponentiation (DESIGN §2).
+LOG_RATIO_CLAMP = 20.0
+
+
+class CorrectionMode(str, Enum):
+    """How the loss corrects for the rollout/training mismatch."""
+
+    NONE = "none"  # alpha = 0: the uncorrected policy gradient
+    TIS = "tis"  # alpha = 1 with truncated weights min(w, C)
+    MIS = "mis"  # alpha = 1, tokens/sequences with w outside [1/C, C] masked out
+    FIXED = "fixed"  # a constant alpha (fixed_alpha)
+    AIS = "ais"  # alpha from the three diagnostics, per batch
+
+
+class WeightLevel(str, Enum):
+    """Granularity of the importance weight."""
+
+    TOKEN = "token"  # w_i = exp(delta_i)
+    SEQUENCE = "sequence"  # w_s = exp(clamp(sum_s delta, -20, 20)), carried by every token of s
+    GEOMETRIC = "geometric"  # w_s = exp(mean_s delta), carried by every token of s
+
+
+class CorrectionConfig(BaseModel):
+    """Every knob of the correction. Defaults are those of DESIGN §2."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    mode: CorrectionMode = Field(CorrectionMode.AIS, description="Correction mode: none, tis, mis, fixed or ais.")
+    level: WeightLevel = Field(WeightLevel.TOKEN, description="Importance-weight level: token, sequence or geometric.")
+    cap: float | None = Field(
+        2.0,
+        gt=0.0,
+        description="Truncation cap C on importance weights (null: no cap). mis keeps weights in [1/C, C].",
+    )
+    tau_kl: float = Field(1e-3, gt=0.0, description="KL temperature: severity s = 1 - exp(-kl / tau_kl).")
+    beta: float = Field(
+        0.0, ge=0.0, lt=1.0, description="EMA factor on alpha_raw across a run's batches (0: purely per batch)."
+    )
+    alpha_min: float = Field(0.0, ge=0.0, le=1.0, description="Lower bound on alpha (ais mode).")
+    alpha_max: float = Field(1.0, ge=0.0, le=1.0, description="Upper bound on alpha (ais mode).")
+    fixed_alpha: float = Field(0.5, ge=0.0, le=1.0, description="The constant alpha of fixed mode.")
+    veto_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        description="If set, drop every sequence containing a token whose token-level weight is below it.",
+    )
+    opsm_kl_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        description=(
+            "If set, off-policy sequence masking (DeepSeek-V3.2): drop sequences with negative advantage "
+            "whose mean per-token log(mu/pi) exceeds it."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> CorrectionConfig:
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"alpha_min ({self.alpha_min}) must not exceed alpha_max ({self.alpha_max})")
+        if self.mode is CorrectionMode.MIS and (self.cap is None or self.cap < 1.0):
+            raise ValueError("mode 'mis' needs a cap >= 1: it masks weights outside [1/cap, cap]")
+        return self
+
+
+class BatchValidationError(ValueError):
+    """A mismatch batch that cannot be computed on; `field` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class MismatchArrays:
+    """One batch of per-token logprobs of both policies, packed over sequences.
+
+    lp_pi:      float64[N], log pi(y_i | ctx), learner (BF16) logprobs, no grad.
+    lp_mu:      float64[N], log mu(y_i | ctx), rollout-engine logprobs.
+    lengths:    int64[S], tokens per sequence, each >= 1, summing to N.
+    advantages: float64[S], the GRPO advantage of each sequence.
+    """
+
+    lp_pi: np.ndarray
+    lp_mu: np.ndarray
+    lengths: np.ndarray
+    advantages: np.ndarray
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """Diagnostics of one set of per-token (carried) weights."""
+
+    reliability: float  # rho = ESS / N
+    ess: float  # (sum w)^2 / sum w^2
+    variance_amplification: float  # v = sum (w A)^2 / sum A^2 (1 when every A is 0)
+    penalty: float  # p = min(1, 1 / v)
+    weight_mean: float
+    weight_min: float
+    weight_max: float
+
+
+@dataclass(frozen=True)
+class CoefficientResult:
+    """Everything computed for one batch. Scalars are reported; arrays feed the learner's loss.
+
+    `applied` holds the statistics of the applied (truncated) weights wt = min(w, C); `raw`
+    the same statistics of the untruncated weights. `reliability`, `ess`,
+    `variance_amplification` and `penalty` mirror `applied` for convenience.
+    """
+
+    mode: CorrectionMode
+    level: WeightLevel
+    n_tokens: int
+    n_sequences: int
+    alpha: float  # the coefficient the loss uses in this mode
+    alpha_raw: float  # s * rho * p, what AIS computes before smoothing and bounds (every mode)
+    alpha_ema: float  # ema(alpha_raw) before clipping; the state carried to the next batch
+    alpha_ais: float  # clip(alpha_ema, alpha_min, alpha_max): what ais mode would use
+    kl: float  # k3 estimator, mean(exp(delta) - 1 - delta) over tokens
+    severity: float  # s = 1 - exp(-kl / tau_kl)
+    applied: WeightStats
+    raw: WeightStats
+    kl_k1: float  # mean(lp_mu - lp_pi), the k1 estimator of KL(mu || pi)
+    chi2_token: float  # mean(w_token^2) - 1 on raw token-level weights
+    chi2_sequence: float  # mean over sequences of w_seq^2 - 1 (clamped sequence weights)
+    ppl_ratio: float  # training / rollout perplexity = exp(mean(lp_mu - lp_pi))
+    frac_truncated: float  # fraction of tokens whose carried weight exceeds C
+    frac_masked: float  # fraction of tokens removed from the loss (mis, veto, opsm together)
+    frac_vetoed: float  # fraction of tokens in sequences dropped by the veto
+    frac_opsm: float  # fraction of tokens in sequences dropped by off-policy sequence masking
+    warnings: tuple[str, ...]  # health thresholds crossed (ESS/N < 0.3, mean w outside [0.5, 2], ...)
+    token_coef: np.ndarray = field(repr=False)  # float64[N]: c_i = (1 - alpha) + alpha * wt_i (0 where masked)
+    token_keep: np.ndarray = field(repr=False)  # bool[N]: token kept in the loss
+
+    @property
+    def reliability(self) -> float:
+        return self.applied.reliability
+
+    @property
+    def ess(self) -> float:
+        return self.applied.ess
+
+    @property
+    def variance_amplification(self) -> float:
+        return self.applied.variance_amplification
+
+    @property
+    def penalty(self) -> float:
+        return self.applied.penalty
