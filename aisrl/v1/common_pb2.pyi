@@ -1,0 +1,69 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRECISION_UNSPECIFIED: _ClassVar[Precision]
+    PRECISION_BF16: _ClassVar[Precision]
+    PRECISION_FP8: _ClassVar[Precision]
+    PRECISION_FP8_EMULATED: _ClassVar[Precision]
+
+class CorrectionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CORRECTION_MODE_UNSPECIFIED: _ClassVar[CorrectionMode]
+    CORRECTION_MODE_NONE: _ClassVar[CorrectionMode]
+    CORRECTION_MODE_TIS: _ClassVar[CorrectionMode]
+    CORRECTION_MODE_MIS: _ClassVar[CorrectionMode]
+    CORRECTION_MODE_FIXED: _ClassVar[CorrectionMode]
+    CORRECTION_MODE_AIS: _ClassVar[CorrectionMode]
+
+class WeightLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHT_LEVEL_UNSPECIFIED: _ClassVar[WeightLevel]
+    WEIGHT_LEVEL_TOKEN: _ClassVar[WeightLevel]
+    WEIGHT_LEVEL_SEQUENCE: _ClassVar[WeightLevel]
+    WEIGHT_LEVEL_GEOMETRIC: _ClassVar[WeightLevel]
+PRECISION_UNSPECIFIED: Precision
+PRECISION_BF16: Precision
+PRECISION_FP8: Precision
+PRECISION_FP8_EMULATED: Precision
+CORRECTION_MODE_UNSPECIFIED: CorrectionMode
+CORRECTION_MODE_NONE: CorrectionMode
+CORRECTION_MODE_TIS: CorrectionMode
+CORRECTION_MODE_MIS: CorrectionMode
+CORRECTION_MODE_FIXED: CorrectionMode
+CORRECTION_MODE_AIS: CorrectionMode
+WEIGHT_LEVEL_UNSPECIFIED: WeightLevel
+WEIGHT_LEVEL_TOKEN: WeightLevel
+WEIGHT_LEVEL_SEQUENCE: WeightLevel
+WEIGHT_LEVEL_GEOMETRIC: WeightLevel
+
+class CorrectionConfig(_message.Message):
+    __slots__ = ("mode", "level", "cap", "no_cap", "tau_kl", "beta", "alpha_min", "alpha_max", "fixed_alpha", "veto_threshold", "opsm_kl_threshold")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    CAP_FIELD_NUMBER: _ClassVar[int]
+    NO_CAP_FIELD_NUMBER: _ClassVar[int]
+    TAU_KL_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_MIN_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_MAX_FIELD_NUMBER: _ClassVar[int]
+    FIXED_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    VETO_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    OPSM_KL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    mode: CorrectionMode
+    level: WeightLevel
+    cap: float
+    no_cap: bool
+    tau_kl: float
+    beta: float
+    alpha_min: float
+    alpha_max: float
+    fixed_alpha: float
+    veto_threshold: float
+    opsm_kl_threshold: float
+    def __init__(self, mode: _Optional[_Union[CorrectionMode, str]] = ..., level: _Optional[_Union[WeightLevel, str]] = ..., cap: _Optional[float] = ..., no_cap: _Optional[bool] = ..., tau_kl: _Optional[float] = ..., beta: _Optional[float] = ..., alpha_min: _Optional[float] = ..., alpha_max: _Optional[float] = ..., fixed_alpha: _Optional[float] = ..., veto_threshold: _Optional[float] = ..., opsm_kl_threshold: _Optional[float] = ...) -> None: ...
