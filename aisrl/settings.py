@@ -9,12 +9,14 @@ re-declared, so `--help`, the environment and the defaults cannot drift apart.
 from __future__ import annotations
 
 import enum
+import inspect
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import click
+import typer
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -45,68 +47,71 @@ def env_name(settings_cls: type[BaseSettings], field_name: str) -> str:
     return f"{prefix}{field_name}".upper()
 
 
-def _click_type(annotation: Any) -> tuple[click.ParamType | type, bool]:
-    """Maps a field annotation to a click type; the flag says it is a boolean switch."""
+def _option_annotation(annotation: Any) -> Any:
+    """The type typer should parse a field as, always optional (None: not given on the command line)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return _click_type(args[0])
-        return click.STRING, False
-    if origin is typing.Literal:
-        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return click.Choice([str(m.value) for m in annotation]), False
-    if annotation is bool:
-        return click.BOOL, True
-    if annotation is int:
-        return click.INT, False
-    if annotation is float:
-        return click.FLOAT, False
-    return click.STRING, False
+        annotation = args[0] if len(args) == 1 else str
+    if typing.get_origin(annotation) is typing.Literal:
+        annotation = enum.Enum("Choice", {str(v): str(v) for v in typing.get_args(annotation)}, type=str)
+    if annotation not in (bool, int, float, str) and not (
+        isinstance(annotation, type) and issubclass(annotation, enum.Enum)
+    ):
+        annotation = str
+    return annotation | None
 
 
-def settings_options(settings_cls: type[BaseSettings]) -> list[click.Option]:
-    """One `--field-name` option per settings field; unset options leave env/defaults alone."""
-    options = []
+@dataclass(frozen=True)
+class SettingsCommand:
+    """A CLI command whose options are the fields of a settings class."""
+
+    name: str
+    settings_cls: type[BaseSettings]
+    function: Callable[..., Any]
+    help: str
+
+    def register(self, app: typer.Typer) -> None:
+        app.command(name=self.name, help=self.help)(self.function)
+
+
+def settings_parameters(settings_cls: type[BaseSettings]) -> list[inspect.Parameter]:
+    """One `--field-name` option per field; unset options leave the environment and defaults alone."""
+    params = []
     for name, info in settings_cls.model_fields.items():
-        click_type, is_flag = _click_type(info.annotation)
         default = info.get_default(call_default_factory=True)
         shown = "unset" if default is None else (default.value if isinstance(default, enum.Enum) else default)
-        help_text = f"{info.description or ''} [env: {env_name(settings_cls, name)}; default: {shown}]"
-        flag = "--" + name.replace("_", "-")
-        if is_flag:
-            decls = [f"{flag}/--no-{name.replace('_', '-')}", name]
-            options.append(click.Option(decls, default=None, help=help_text))
-        else:
-            options.append(click.Option([flag, name], type=click_type, default=None, help=help_text))
-    return options
+        help_text = f"{info.description or ''} (env: {env_name(settings_cls, name)}; default: {shown})"
+        option = typer.Option(None, "--" + name.replace("_", "-"), help=help_text, show_default=False)
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                              annotation=_option_annotation(info.annotation))
+        )  # fmt: skip
+    return params
 
 
 def load_settings(settings_cls: type[S], overrides: dict[str, Any] | None = None) -> S:
     """Builds settings from the environment plus explicit overrides (None values are ignored)."""
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in (overrides or {}).items() if v is not None}
     return settings_cls(**given)
 
 
 def settings_command(
     name: str, settings_cls: type[S], run: Callable[[S], Any], help_text: str | None = None
-) -> click.Command:
-    """A click command whose options are the settings fields; it calls run(settings)."""
+) -> SettingsCommand:
+    """A command whose options are the settings fields; it builds the settings and calls run(settings)."""
 
-    def callback(**kwargs: Any) -> Any:
+    def command(**kwargs: Any) -> Any:
         try:
             settings = load_settings(settings_cls, kwargs)
         except ValidationError as exc:
             problems = "; ".join(
                 f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in exc.errors()
             )
-            raise click.UsageError(f"invalid settings: {problems}") from None
+            raise typer.BadParameter(f"invalid settings: {problems}") from None
         return run(settings)
 
-    return click.Command(
-        name,
-        params=settings_options(settings_cls),
-        callback=callback,
-        help=help_text or (settings_cls.__doc__ or "").strip().splitlines()[0],
-    )
+    command.__signature__ = inspect.Signature(settings_parameters(settings_cls))  # type: ignore[attr-defined]
+    command.__name__ = name.replace("-", "_")
+    doc = help_text or (settings_cls.__doc__ or "").strip().splitlines()[0]
+    return SettingsCommand(name, settings_cls, command, doc)

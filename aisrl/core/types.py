@@ -13,7 +13,7 @@ response tokens are carried (the mask is implicit: every carried token counts).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 LOG_RATIO_CLAMP = 20.0
 
 
-class CorrectionMode(str, Enum):
+class CorrectionMode(StrEnum):
     """How the loss corrects for the rollout/training mismatch."""
 
     NONE = "none"  # alpha = 0: the uncorrected policy gradient
@@ -32,7 +32,7 @@ class CorrectionMode(str, Enum):
     AIS = "ais"  # alpha from the three diagnostics, per batch
 
 
-class WeightLevel(str, Enum):
+class WeightLevel(StrEnum):
     """Granularity of the importance weight."""
 
     TOKEN = "token"  # w_i = exp(delta_i)

@@ -1,0 +1,93 @@
+"""Runs the diagnostics service: REST (uvicorn) and gRPC in one asyncio process.
+
+Invariant: the ports printed are the ports bound (port 0 resolves before anything is printed);
+SIGINT/SIGTERM stop both servers gracefully and, when this process started an embedded Redis,
+that Redis too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+import uvicorn
+
+from aisrl.logs import configure_logging, log_fields
+from aisrl.redis_conn import start_embedded_redis
+from aisrl.services.diagnostics.app import create_app
+from aisrl.services.diagnostics.config import DiagnosticsSettings
+
+log = logging.getLogger("aisrl.diagnostics")
+
+
+@dataclass
+class RunningDiagnostics:
+    """A started service: its ports and the handles needed to stop it."""
+
+    http_port: int
+    grpc_port: int
+    server: uvicorn.Server
+    task: asyncio.Task
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def start_diagnostics(settings: DiagnosticsSettings, redis_url: str) -> RunningDiagnostics:
+    """Starts both servers in the running loop and returns once they accept connections."""
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.http_host, settings.http_port))
+    app = create_app(settings, redis_url)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # the caller owns signals
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # re-raises the start-up failure
+            raise RuntimeError("diagnostics HTTP server stopped during start-up")
+        await asyncio.sleep(0.02)
+    return RunningDiagnostics(sock.getsockname()[1], app.state.grpc_port, server, task)
+
+
+async def serve(settings: DiagnosticsSettings, redis_url: str) -> None:
+    running = await start_diagnostics(settings, redis_url)
+    print(f"diagnostics: REST http://{settings.http_host}:{running.http_port}  (docs at /docs)", flush=True)
+    print(f"diagnostics: gRPC {settings.grpc_host}:{running.grpc_port}", flush=True)
+    log.info("started", extra=log_fields(http_port=running.http_port, grpc_port=running.grpc_port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, running.task}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    log.info("stopping")
+    await running.stop()
+
+
+def run(settings: DiagnosticsSettings) -> None:
+    """Entry point of `aisrl diagnostics`."""
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.redis_url:
+        asyncio.run(serve(settings, settings.redis_url))
+        return
+    data_dir = settings.embedded_redis_dir
+    with start_embedded_redis(data_dir=data_dir, appendonly=data_dir is not None) as redis_server:
+        print(f"diagnostics: embedded Redis at {redis_server.url} (set AISRL_REDIS_URL to use your own)", flush=True)
+        asyncio.run(serve(settings, redis_server.url))

@@ -1,0 +1,105 @@
+"""REST request and response bodies of the diagnostics service (they are its OpenAPI schema).
+
+Invariant: the stateless config accepts exactly the fields of `CorrectionConfig` except `beta`
+(smoothing belongs to a recorded run, not to one stateless call); unknown fields are rejected
+rather than ignored, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from aisrl.core.types import CorrectionConfig
+
+CoefficientConfigIn = create_model(
+    "CoefficientConfig",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Correction config of a stateless call; every field optional, defaults as in DESIGN §2.",
+    **{name: (info.annotation, info) for name, info in CorrectionConfig.model_fields.items() if name != "beta"},
+)
+
+
+class CoefficientRequest(BaseModel):
+    """One batch: per-sequence lists of per-token logprobs of both policies and one advantage per sequence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lp_pi: list[list[float]] = Field(description="log pi per token (learner, BF16), one inner list per sequence.")
+    lp_mu: list[list[float]] = Field(description="log mu per token (rollout engine), same shape as lp_pi.")
+    advantages: list[float] = Field(description="GRPO advantage of each sequence.")
+    config: CoefficientConfigIn = Field(default_factory=CoefficientConfigIn)  # type: ignore[valid-type]
+
+
+class WeightStatsOut(BaseModel):
+    reliability: float = Field(description="rho = ESS / N")
+    ess: float = Field(description="(sum w)^2 / sum w^2")
+    variance_amplification: float = Field(description="v = sum (w A)^2 / sum A^2 (1 when every A is 0)")
+    penalty: float = Field(description="p = min(1, 1 / v)")
+    weight_mean: float
+    weight_min: float
+    weight_max: float
+
+
+class CoefficientOut(BaseModel):
+    """The coefficient and every diagnostic; top-level statistics are on the applied (truncated) weights."""
+
+    mode: str
+    level: str
+    n_tokens: int
+    n_sequences: int
+    alpha: float = Field(description="Coefficient the loss uses in this mode.")
+    alpha_raw: float = Field(description="s * rho * p, before smoothing and bounds (computed in every mode).")
+    alpha_ema: float = Field(description="EMA of alpha_raw (equals alpha_raw without smoothing).")
+    alpha_ais: float = Field(description="clip(alpha_ema, alpha_min, alpha_max): what ais mode uses.")
+    reliability: float = Field(description="rho = ESS / N on the applied weights.")
+    ess: float
+    severity: float = Field(description="s = 1 - exp(-kl / tau_kl).")
+    kl: float = Field(description="k3 estimate mean(exp(delta) - 1 - delta).")
+    variance_amplification: float
+    penalty: float
+    applied: WeightStatsOut
+    raw: WeightStatsOut = Field(description="The same statistics on the untruncated weights.")
+    kl_k1: float
+    chi2_token: float
+    chi2_sequence: float
+    ppl_ratio: float
+    frac_truncated: float
+    frac_masked: float
+    frac_vetoed: float
+    frac_opsm: float
+    warnings: list[str]
+    compute_ms: float
+
+
+class BatchRecordOut(CoefficientOut):
+    """A batch recorded under a run."""
+
+    run_id: str
+    step: int
+    policy_version: int
+    computed_unix: float
+    computed_locally: bool
+    config: dict[str, Any]
+
+
+class RunOut(BaseModel):
+    run_id: str
+    n_batches: int
+    first_step: int | None
+    latest_step: int | None
+    updated_unix: float
+    trimmed: int = Field(description="Records removed by the history limit.")
+
+
+class BatchPageOut(BaseModel):
+    run_id: str
+    batches: list[BatchRecordOut]
+    next_since_step: int | None = Field(description="Pass as since_step to get the next page; null at the end.")
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="What is wrong, naming the field.")
+    field: str | None = Field(None, description="Path of the offending field, e.g. lp_mu[3].")
+    detail: list[dict[str, Any]] = Field(default_factory=list)

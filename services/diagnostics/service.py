@@ -1,0 +1,78 @@
+"""The transport-independent heart of the diagnostics service, shared by gRPC and REST.
+
+Invariant: a batch is validated and computed by the pure core (`aisrl.core.ais`) and is
+recorded only after it computed successfully; a record carries every reported quantity plus
+the config it was computed with, so any recorded number can be recomputed and checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aisrl.core.ais import compute_coefficient
+from aisrl.core.types import CoefficientResult, CorrectionConfig, MismatchArrays
+from aisrl.services.diagnostics.history import History
+from aisrl.services.diagnostics.metrics import DiagnosticsMetrics
+from aisrl.wire.coefficient import result_fields
+
+
+class CoefficientService:
+    def __init__(self, history: History, metrics: DiagnosticsMetrics, offload_tokens: int = 50_000) -> None:
+        self.history = history
+        self.metrics = metrics
+        self.offload_tokens = offload_tokens
+
+    async def compute(
+        self, arrays: MismatchArrays, config: CorrectionConfig, prev_ema: float | None, path: str
+    ) -> tuple[CoefficientResult, float]:
+        """Computes off the event loop when the batch is large; returns (result, milliseconds)."""
+        started = time.perf_counter()
+        if arrays.lp_pi.size >= self.offload_tokens:
+            result = await asyncio.to_thread(compute_coefficient, arrays, config, prev_ema)
+        else:
+            result = compute_coefficient(arrays, config, prev_ema)
+        elapsed = time.perf_counter() - started
+        self.metrics.compute_seconds.labels(path=path).observe(elapsed)
+        self.metrics.tokens.labels(path=path).inc(result.n_tokens)
+        return result, elapsed * 1e3
+
+    async def compute_stateless(self, arrays: MismatchArrays, config: CorrectionConfig) -> dict[str, Any]:
+        result, compute_ms = await self.compute(arrays, config, None, path="rest")
+        return result_fields(result) | {"compute_ms": compute_ms}
+
+    async def compute_for_run(
+        self,
+        run_id: str,
+        step: int,
+        policy_version: int,
+        arrays: MismatchArrays,
+        config: CorrectionConfig,
+        dry_run: bool = False,
+        still_wanted: Any = None,
+    ) -> dict[str, Any]:
+        """Computes with the run's EMA state and records the batch unless dry_run.
+
+        still_wanted, when given, is called before recording; if it returns False (the caller
+        gave up, e.g. its deadline passed) nothing is recorded.
+        """
+        prev_ema = await self.history.prev_ema(run_id, step) if config.beta > 0 else None
+        result, compute_ms = await self.compute(arrays, config, prev_ema, path="grpc")
+        record = {
+            "run_id": run_id,
+            "step": step,
+            "policy_version": policy_version,
+            **result_fields(result),
+            "computed_unix": time.time(),
+            "compute_ms": compute_ms,
+            "computed_locally": False,
+            "config": config.model_dump(mode="json"),
+        }
+        if dry_run or (still_wanted is not None and not still_wanted()):
+            return record
+        trimmed = await self.history.record(run_id, record)
+        if trimmed:
+            self.metrics.trimmed.labels(run=run_id).inc(trimmed)
+        self.metrics.observe_record(run_id, record)
+        return record

@@ -1,0 +1,134 @@
+"""Protobuf contracts: the committed code is current, and every message survives a round trip."""
+
+from __future__ import annotations
+
+import filecmp
+
+import numpy as np
+import pytest
+from google.protobuf.descriptor import FieldDescriptor
+
+from aisrl.core.types import CorrectionConfig, CorrectionMode, WeightLevel
+from aisrl.protogen import REPO_ROOT, generate
+from aisrl.v1 import common_pb2, diagnostics_pb2, rollout_pb2, weights_pb2
+from aisrl.wire.coefficient import (
+    batch_from_pb,
+    batch_to_pb,
+    config_from_pb,
+    config_to_pb,
+    record_from_pb,
+    record_to_pb,
+)
+
+MODULES = (common_pb2, rollout_pb2, weights_pb2, diagnostics_pb2)
+ALL_MESSAGES = [getattr(module, name) for module in MODULES for name in module.DESCRIPTOR.message_types_by_name]
+
+
+def test_generated_code_is_current(tmp_path):
+    written = generate(tmp_path)
+    assert written, "protoc produced nothing"
+    for path in written:
+        committed = REPO_ROOT / path.relative_to(tmp_path)
+        assert committed.exists(), f"{committed} is not committed: run `make proto`"
+        assert filecmp.cmp(path, committed, shallow=False), f"{committed} is stale: run `make proto`"
+
+
+_SCALARS = {
+    FieldDescriptor.TYPE_DOUBLE: 1.25,
+    FieldDescriptor.TYPE_FLOAT: 0.5,
+    FieldDescriptor.TYPE_INT64: -7,
+    FieldDescriptor.TYPE_UINT64: 2**40 + 3,
+    FieldDescriptor.TYPE_INT32: -3,
+    FieldDescriptor.TYPE_UINT32: 9,
+    FieldDescriptor.TYPE_BOOL: True,
+    FieldDescriptor.TYPE_STRING: "héllo",
+    FieldDescriptor.TYPE_BYTES: b"\x00\x01\xff",
+}
+
+
+def _fill(message, depth: int = 0) -> None:
+    """Sets every field of a message (recursively) to a non-default value."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if depth > 3:
+                continue
+            if field.is_repeated:
+                _fill(getattr(message, field.name).add(), depth + 1)
+                _fill(getattr(message, field.name).add(), depth + 1)
+            else:
+                _fill(getattr(message, field.name), depth + 1)
+            continue
+        if field.type == FieldDescriptor.TYPE_ENUM:
+            value = field.enum_type.values[-1].number
+        else:
+            value = _SCALARS[field.type]
+        if field.is_repeated:
+            getattr(message, field.name).extend([value, value])
+        else:
+            setattr(message, field.name, value)
+
+
+@pytest.mark.parametrize("message_cls", ALL_MESSAGES, ids=lambda m: m.DESCRIPTOR.full_name)
+def test_every_message_round_trips(message_cls):
+    original = message_cls()
+    _fill(original)
+    assert original.ByteSize() > 0
+    decoded = message_cls.FromString(original.SerializeToString())
+    assert decoded == original
+    for field in message_cls.DESCRIPTOR.fields:
+        if field.is_repeated:
+            assert len(getattr(decoded, field.name)) > 0, field.name
+        elif field.type != FieldDescriptor.TYPE_MESSAGE:
+            assert getattr(decoded, field.name) == getattr(original, field.name), field.name
+
+
+@pytest.mark.parametrize("mode", list(CorrectionMode))
+@pytest.mark.parametrize("level", list(WeightLevel))
+@pytest.mark.parametrize("cap", [None, 1.5, 2.0])
+def test_correction_config_round_trips(mode, level, cap):
+    config = CorrectionConfig(mode=mode, level=level, cap=cap if mode != CorrectionMode.MIS else 3.0,
+                              beta=0.3, fixed_alpha=0.2, veto_threshold=1e-3)  # fmt: skip
+    assert config_from_pb(config_to_pb(config)) == config
+
+
+def test_unset_config_takes_design_defaults():
+    assert config_from_pb(common_pb2.CorrectionConfig()) == CorrectionConfig()
+
+
+def test_mismatch_batch_round_trips_float32():
+    from aisrl.core.synthetic import synthetic_batch
+
+    arrays = synthetic_batch(n_sequences=7, mean_length=9, seed=4)
+    pb = diagnostics_pb2.MismatchBatch.FromString(batch_to_pb(arrays, CorrectionConfig()).SerializeToString())
+    decoded = batch_from_pb(pb)
+    np.testing.assert_array_equal(decoded.lengths, arrays.lengths)
+    np.testing.assert_array_equal(decoded.advantages, arrays.advantages)
+    np.testing.assert_allclose(decoded.lp_pi, arrays.lp_pi, rtol=1e-6)
+    np.testing.assert_allclose(decoded.lp_mu, arrays.lp_mu, rtol=1e-6)
+
+
+def test_million_token_batch_is_a_few_megabytes():
+    n = 1_000_000
+    pb = diagnostics_pb2.MismatchBatch(
+        lp_pi=np.zeros(n, "<f4").tobytes(), lp_mu=np.zeros(n, "<f4").tobytes(),
+        lengths=[250] * 4000, advantages=[0.5] * 4000,
+    )  # fmt: skip
+    assert pb.ByteSize() < 9 * 1024 * 1024
+
+
+def test_coefficient_record_round_trips():
+    record = {
+        "run_id": "r", "step": 3, "policy_version": 2, "mode": "tis", "level": "sequence",
+        "n_tokens": 10, "n_sequences": 2, "alpha": 1.0, "alpha_raw": 0.2, "alpha_ema": 0.2, "alpha_ais": 0.2,
+        "kl": 0.01, "severity": 0.9, "kl_k1": 0.009, "chi2_token": 0.1, "chi2_sequence": 0.3, "ppl_ratio": 1.01,
+        "frac_truncated": 0.1, "frac_masked": 0.0, "frac_vetoed": 0.0, "frac_opsm": 0.0, "warnings": ["w"],
+        "computed_unix": 1.5, "compute_ms": 0.1, "computed_locally": True,
+        "applied": {"reliability": 0.8, "ess": 8.0, "variance_amplification": 1.2, "penalty": 1 / 1.2,
+                    "weight_mean": 1.0, "weight_min": 0.5, "weight_max": 2.0},
+        "raw": {"reliability": 0.7, "ess": 7.0, "variance_amplification": 1.5, "penalty": 1 / 1.5,
+                "weight_mean": 1.1, "weight_min": 0.5, "weight_max": 3.0},
+    }  # fmt: skip
+    decoded = record_from_pb(diagnostics_pb2.CoefficientResult.FromString(record_to_pb(record).SerializeToString()))
+    for key, value in record.items():
+        assert decoded[key] == pytest.approx(value) if isinstance(value, float) else decoded[key] == value, key
+    assert decoded["reliability"] == record["applied"]["reliability"]
