@@ -28,8 +28,9 @@ if excess > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, excess - 1)
   redis.call('HDEL', KEYS[3], unpack(old))
   redis.call('INCRBY', KEYS[4], excess)
+  return excess
 end
-return excess
+return 0
 """
 
 
