@@ -50,7 +50,8 @@ class CorrectionConfig(BaseModel):
     cap: float | None = Field(
         2.0,
         gt=0.0,
-        description="Truncation cap C on importance weights (null: no cap). mis keeps weights in [1/C, C].",
+        description="Truncation cap C on importance weights (null: no cap). mis keeps weights in [1/C, C] "
+        "(everything without a cap).",
     )
     tau_kl: float = Field(1e-3, gt=0.0, description="KL temperature: severity s = 1 - exp(-kl / tau_kl).")
     beta: float = Field(
@@ -77,8 +78,6 @@ class CorrectionConfig(BaseModel):
     def _check_bounds(self) -> CorrectionConfig:
         if self.alpha_min > self.alpha_max:
             raise ValueError(f"alpha_min ({self.alpha_min}) must not exceed alpha_max ({self.alpha_max})")
-        if self.mode is CorrectionMode.MIS and (self.cap is None or self.cap < 1.0):
-            raise ValueError("mode 'mis' needs a cap >= 1: it masks weights outside [1/cap, cap]")
         return self
 
 
