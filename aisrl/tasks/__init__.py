@@ -1,11 +1,15 @@
-"""Procedural tasks with strict verifiers and seeded, disjoint train/eval splits (one home)."""
+"""Procedural tasks with strict verifiers and seeded, disjoint train/eval splits (one home).
+
+Invariant: `get_task(name, **options)` is the only way services build a task, so a task name
+and its options (JSON-able keyword arguments) fully determine its problems and verifier.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from aisrl.tasks.arithmetic import Arithmetic
-from aisrl.tasks.base import Problem, Task, first_line, problem_from_json, problem_to_json
+from aisrl.tasks.base import Problem, Task, first_line, is_eval_key, problem_from_json, problem_to_json
 from aisrl.tasks.countdown import Countdown
 from aisrl.tasks.gsm8k import GSM8K
 from aisrl.tasks.sudoku import Sudoku
@@ -24,4 +28,18 @@ def get_task(name: str, **options: Any) -> Task:
         raise ValueError(f"bad options for task {name!r}: {exc}") from None
 
 
-__all__ = ["TASKS", "TASK_NAMES", "Problem", "Task", "first_line", "get_task", "problem_from_json", "problem_to_json"]
+__all__ = [
+    "GSM8K",
+    "TASKS",
+    "TASK_NAMES",
+    "Arithmetic",
+    "Countdown",
+    "Problem",
+    "Sudoku",
+    "Task",
+    "first_line",
+    "get_task",
+    "is_eval_key",
+    "problem_from_json",
+    "problem_to_json",
+]
