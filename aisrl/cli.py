@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import typer
 
+from aisrl.cluster.cli import register as register_cluster
+from aisrl.models.cli import model_app
 from aisrl.services.diagnostics.cli import diagnostics_command
+from aisrl.services.learner.cli import learner_command
+from aisrl.services.rollout.cli import rollout_command
 
 app = typer.Typer(help="AIS-RL: FP8 rollouts, BF16 learner, adaptive importance sampling.", no_args_is_help=True)
 
@@ -18,21 +22,12 @@ def callback() -> None:
     """AIS-RL command line."""
 
 
-@app.command()
-def demo(
-    steps: int = typer.Option(20, min=1, max=10_000, help="Batches to send."),
-    keep_serving: bool = typer.Option(False, help="Keep the service (and its dashboard) running after the demo."),
-) -> None:
-    """Run the diagnostics service on generated FP8-like batches and print what AIS computes."""
-    from aisrl.demo import run_demo
-
-    run_demo(steps=steps, keep_serving=keep_serving)
-
-
 # Commands whose options are generated from a service's settings class.
-SETTINGS_COMMANDS = [diagnostics_command]
+SETTINGS_COMMANDS = [diagnostics_command, rollout_command, learner_command]
 for _command in SETTINGS_COMMANDS:
     _command.register(app)
+app.add_typer(model_app, name="model")
+register_cluster(app)  # `aisrl up`, `aisrl demo`
 
 
 def main() -> None:

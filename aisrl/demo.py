@@ -1,4 +1,4 @@
-"""`aisrl demo`: the diagnostics service on generated batches, end to end through its real APIs.
+"""`aisrl demo --diagnostics-only`: the diagnostics service on generated batches, end to end through its real APIs.
 
 Invariant: everything it starts (embedded Redis, gRPC and HTTP servers) is stopped before it
 returns, also on Ctrl-C. Batches are synthetic (FP8-like logprob noise that grows over the

@@ -106,7 +106,8 @@ def start_embedded_redis(
         "--protected-mode", "yes",
         "--logfile", str(directory / "redis.log"),
     ]  # fmt: skip
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Own session: a Ctrl-C to the owner's process group must not kill Redis before the owner shuts down.
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     server = EmbeddedRedis(port=chosen, data_dir=directory, process=process, owns_dir=owns_dir)
     deadline = time.monotonic() + timeout_s
     client = redis.Redis(host="127.0.0.1", port=chosen, socket_connect_timeout=0.5)

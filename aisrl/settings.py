@@ -79,8 +79,14 @@ def settings_parameters(settings_cls: type[BaseSettings]) -> list[inspect.Parame
     """One `--field-name` option per field; unset options leave the environment and defaults alone."""
     params = []
     for name, info in settings_cls.model_fields.items():
-        default = info.get_default(call_default_factory=True)
-        shown = "unset" if default is None else (default.value if isinstance(default, enum.Enum) else default)
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        shown = (
+            "required"
+            if info.is_required()
+            else "unset"
+            if default is None
+            else (default.value if isinstance(default, enum.Enum) else default)
+        )
         help_text = f"{info.description or ''} (env: {env_name(settings_cls, name)}; default: {shown})"
         option = typer.Option(None, "--" + name.replace("_", "-"), help=help_text, show_default=False)
         params.append(

@@ -1,0 +1,1 @@
+"""The local cluster launcher: `aisrl up` (settings, topology, supervisor, progress, report)."""

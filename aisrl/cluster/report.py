@@ -1,0 +1,231 @@
+"""The run report: a JSON summary and PNG plots, built from the records the services left behind.
+
+Invariant: the summary and the figures are pure functions of the records (the learner's JSON log
+events, the diagnostics service's batch records, the step-0 evaluation, timings); only
+`write_report` touches the disk. A quantity that was not measured is null in the JSON and absent
+from the plots, never a made-up zero. Sources:
+- per step (reward, alpha, kl, loss, tokens, tokens/s, staleness): the learner's `step` log events;
+- held-out accuracy: the learner's `evaluation` events, plus the step-0 evaluation run before training;
+- rho, s, p (and alpha/kl as diagnostics recorded them): GET /v1/runs/{run}/batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+PRECISION_NOTE = (
+    "On CPU, fp8 rollouts are FP8-emulated: weights rounded to the float8 e4m3 grid and dequantized to BF16 before "
+    "vLLM loads them. This reproduces the weight-rounding part of the FP8/BF16 mismatch; no FP8 speedup is claimed."
+)
+
+
+def learner_events(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(step events, evaluation events) from the learner's log: JSON lines with msg `step` / `evaluation`.
+
+    Non-JSON lines (prints, library warnings) are skipped. A step logged twice (a resumed run
+    redoing a step) keeps the latest.
+    """
+    steps: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    for line in lines:
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(event, dict) or event.get("logger") != "aisrl.learner" or "step" not in event:
+            continue
+        if event.get("msg") == "step":
+            steps[int(event["step"])] = event
+        elif event.get("msg") == "evaluation":
+            evals[int(event["step"])] = event
+    return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)]
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None (the learner logs kl as a formatted string; None stays None)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def per_step_rows(steps: Sequence[Mapping[str, Any]], batches: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per learner step, joined with the diagnostics record of the same step (when there is one)."""
+    by_step = {int(b["step"]): b for b in batches}
+    rows = []
+    for event in steps:
+        step = int(event["step"])
+        diag = by_step.get(step, {})
+        rows.append({
+            "step": step, "version": event.get("version"), "reward": _num(event.get("reward")),
+            "alpha": _num(event.get("alpha")), "kl": _num(diag.get("kl", event.get("kl"))),
+            "rho": _num(diag.get("reliability")), "s": _num(diag.get("severity")), "p": _num(diag.get("penalty")),
+            "alpha_raw": _num(diag.get("alpha_raw")), "loss": _num(event.get("loss")),
+            "grad_norm": _num(event.get("grad_norm")), "tokens": event.get("tokens"),
+            "tokens_per_s": _num(event.get("tok_s")), "stale": event.get("stale"),
+            "skipped": bool(event.get("skipped", False)), "alpha_computed_locally": bool(event.get("local", False)),
+            "warnings": list(diag.get("warnings") or []), "seconds": event.get("seconds"),
+        })  # fmt: skip
+    return rows
+
+
+def eval_rows(evals: Sequence[Mapping[str, Any]], initial: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Held-out evaluations by step; the step-0 one (before any update) first when it was run."""
+    rows = []
+    if initial is not None:
+        rows.append({"step": 0, "greedy": _num(initial.get("greedy")), "sampled": _num(initial.get("sampled")),
+                     "n": initial.get("n"), "seconds": _num(initial.get("seconds"))})  # fmt: skip
+    for event in evals:
+        if int(event["step"]) == 0 and initial is not None:
+            continue
+        rows.append({"step": int(event["step"]), "greedy": _num(event.get("greedy")),
+                     "sampled": _num(event.get("sampled")), "n": event.get("n"),
+                     "seconds": _num(event.get("seconds"))})  # fmt: skip
+    return rows
+
+
+def build_summary(
+    *,
+    run_id: str,
+    outcome: str,
+    error: str | None,
+    settings: Mapping[str, Any],
+    services: Mapping[str, Mapping[str, Any]],
+    steps: Sequence[Mapping[str, Any]],
+    evals: Sequence[Mapping[str, Any]],
+    batches: Sequence[Mapping[str, Any]],
+    initial_eval: Mapping[str, Any] | None,
+    timings: Mapping[str, float],
+    dashboard_url: str | None = None,
+) -> dict[str, Any]:
+    """The JSON summary of a run (see the module docstring for where each figure comes from)."""
+    rows = per_step_rows(steps, batches)
+    evaluations = eval_rows(evals, initial_eval)
+    first, last = (evaluations[0], evaluations[-1]) if evaluations else (None, None)
+    rewards = [r["reward"] for r in rows if r["reward"] is not None]
+    window = max(1, min(5, len(rewards) // 4)) if rewards else 0
+    return {
+        "run_id": run_id,
+        "outcome": outcome,
+        "error": error,
+        "steps": {"target": settings.get("steps"), "reached": rows[-1]["step"] if rows else 0},
+        "accuracy": {
+            "metric": "greedy accuracy on the task's held-out split (share of answers with reward 1)",
+            "initial": first, "final": last if last is not first else None,
+            "change": (last["greedy"] - first["greedy"]) if first and last and last is not first
+                      and first["greedy"] is not None and last["greedy"] is not None else None,
+        },
+        "reward": {
+            "first_steps_mean": _mean(rewards[:window]), "last_steps_mean": _mean(rewards[-window:]),
+            "window": window, "curve": [[r["step"], r["reward"]] for r in rows],
+        },
+        "per_step": rows,
+        "evaluations": evaluations,
+        "diagnostics_records": len(batches),
+        "steps_with_local_alpha": sum(r["alpha_computed_locally"] for r in rows),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "dashboard_url": dashboard_url,
+        "precision_note": PRECISION_NOTE,
+        "settings": dict(settings),
+        "services": {k: dict(v) for k, v in services.items()},
+    }  # fmt: skip
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def rolling_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the (up to) window - 1 values before it."""
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def plot_learning(summary: Mapping[str, Any]) -> Figure:
+    """Mean reward per step and held-out accuracy (greedy, sampled) vs step."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    curve = [(s, r) for s, r in summary["reward"]["curve"] if r is not None]
+    if curve:
+        ax.plot(*zip(*curve, strict=True), color="tab:blue", alpha=0.35, label="mean reward (training batch)")
+        smooth = rolling_mean([r for _, r in curve], 5)
+        ax.plot([s for s, _ in curve], smooth, color="tab:blue", label="mean reward, rolling mean of 5 steps")
+    for key, style, label in (("greedy", "o-", "held-out accuracy (greedy)"),
+                              ("sampled", "s--", "held-out accuracy (sampled)")):  # fmt: skip
+        points = [(e["step"], e[key]) for e in summary["evaluations"] if e[key] is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=label)
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    ax.set_title(f"run {summary['run_id']}: reward and held-out accuracy")
+    return fig
+
+
+def plot_ais(summary: Mapping[str, Any]) -> Figure:
+    """alpha, rho, s and p (top, in [0, 1]) and kl (bottom, log scale) vs step."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, layout="constrained")
+    rows = summary["per_step"]
+    styles = {"alpha": ("alpha (used)", "k", "-", 2.2), "rho": ("rho (ESS/N)", "tab:blue", "--", 1.2),
+              "s": ("s (severity)", "tab:green", ":", 1.6), "p": ("p (penalty)", "tab:red", "-.", 1.2)}  # fmt: skip
+    for key, (label, color, line, width) in styles.items():
+        points = [(r["step"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            top.plot(*zip(*points, strict=True), color=color, linestyle=line, linewidth=width, marker=".", label=label)
+    top.set_ylabel("value")
+    top.set_ylim(-0.02, 1.02)
+    top.grid(alpha=0.3)
+    _legend(top)
+    top.set_title(f"run {summary['run_id']}: AIS coefficient and diagnostics")
+    kl = [(r["step"], r["kl"]) for r in rows if r["kl"] is not None and r["kl"] > 0]
+    if kl:
+        bottom.plot(*zip(*kl, strict=True), marker=".", color="tab:red", label="kl (k3, mu || pi)")
+        bottom.set_yscale("log")
+        _legend(bottom)
+    bottom.set_xlabel("learner step")
+    bottom.set_ylabel("kl per token")
+    bottom.grid(alpha=0.3)
+    return fig
+
+
+def _legend(ax: Any) -> None:
+    """A legend when something was plotted, else a note that nothing was measured."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> dict[str, Path]:
+    """Writes report.json, learning.png and ais.png into run_dir; returns their paths."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": run_dir / "report.json", "learning": run_dir / "learning.png", "ais": run_dir / "ais.png"}
+    summary = {**summary, "files": {k: str(v) for k, v in paths.items()}}
+    paths["summary"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    for key, make in (("learning", plot_learning), ("ais", plot_ais)):
+        fig = make(summary)
+        try:
+            fig.savefig(paths[key], dpi=110)
+        finally:
+            plt.close(fig)
+    return paths

@@ -1,0 +1,279 @@
+"""`aisrl up` from settings to report: model, Redis, step-0 evaluation, processes, progress, stop, report.
+
+Invariant: whatever happens (the run finishes, Ctrl-C, a child dies, start-up fails), every child
+is stopped before Redis is, Redis before this returns, and a report of what was measured is
+written to `<out_dir>/<run_id>/` (its `outcome` says which of these happened).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from aisrl.cluster.baseline import cached_initial
+from aisrl.cluster.config import ClusterSettings
+from aisrl.cluster.progress import Poller, one_line, render
+from aisrl.cluster.report import build_summary, learner_events, write_report
+from aisrl.cluster.supervisor import ClusterError, Supervisor, run_job, signals_blocked, stop_on_signals
+from aisrl.cluster.topology import Topology, build_model_init, build_topology, log_path, resolve_ports
+from aisrl.logs import log_fields
+from aisrl.redis_conn import RedisUnavailableError, free_port, start_embedded_redis
+
+log = logging.getLogger("aisrl.cluster")
+
+EXIT_FINISHED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+class Stopped(Exception):
+    """A stop was requested (Ctrl-C/SIGTERM) before the cluster was running."""
+
+
+def ensure_model(settings: ClusterSettings, stop: threading.Event, console: Console) -> float:
+    """Creates the model directory with `aisrl model init` when it has no config.json; returns the seconds spent.
+
+    The model is written to a sibling `.partial` directory and renamed when complete, so an
+    interrupted creation never leaves a directory that looks like a model.
+    """
+    target = settings.resolved_model_dir
+    if (target / "config.json").is_file():
+        return 0.0
+    partial = target.with_name(target.name + ".partial")
+    spec = build_model_init(settings, partial)
+    logfile = log_path(settings.run_dir, spec)
+    console.print(f"[bold]model[/]: {target} is missing; creating it with `aisrl model init` (log: {logfile})")
+    started = time.monotonic()
+    with console.status("warm-starting the tiny model on the task's reference solutions ..."):
+        rc = run_job(spec, settings.run_dir, stop, settings.stop_grace_s)
+    if rc is None:
+        raise Stopped()
+    if rc != 0:
+        from aisrl.cluster.supervisor import exit_reason, tail
+
+        raise ClusterError("model-init", exit_reason(rc), tail(logfile))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial.rename(target)
+    seconds = time.monotonic() - started
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        after = json.loads((target / "warmstart.json").read_text())["result"]["after"]
+        console.print(f"[bold]model[/]: created in {seconds:.0f} s; warm-start greedy accuracy {after['accuracy']:.1%} "
+                      f"on {after['n']} held-out problems")  # fmt: skip
+    return seconds
+
+
+@contextlib.contextmanager
+def redis_for(settings: ClusterSettings, console: Console) -> Iterator[str]:
+    """The configured Redis URL, or an embedded server (AOF in the run's redis dir) living for the context."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    # Blocked SIGINT is inherited: a Ctrl-C at the terminal must not stop Redis before the services are done.
+    # The directory is made absolute: redis-server changes into it before it opens its log file.
+    data_dir = settings.resolved_redis_dir.resolve()
+    try:
+        with signals_blocked(signal.SIGINT):
+            server = start_embedded_redis(data_dir=data_dir, appendonly=True)
+    except RedisUnavailableError as exc:
+        raise ClusterError("redis", str(exc)) from None
+    console.print(f"[bold]redis[/]: embedded at {server.url} (AOF in {settings.resolved_redis_dir})")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _states(supervisor: Supervisor, topology: Topology, states: dict[str, str]) -> dict[str, str]:
+    for spec in topology.processes:
+        child = supervisor.children.get(spec.name)
+        if child is not None and states.get(spec.name) == "ready" and child.process.poll() is None:
+            states[spec.name] = f"running (pid {child.pid})"
+    return states
+
+
+def run_cluster(settings: ClusterSettings, console: Console | None = None) -> int:
+    """Runs the cluster until `steps`, Ctrl-C or a failure; writes the report; returns the exit status."""
+    console = console or Console()
+    run_dir = settings.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "cluster.json").write_text(settings.model_dump_json(indent=2) + "\n")
+    stop, hurry = threading.Event(), threading.Event()
+    timings: dict[str, float] = {}
+    _log_to_file(run_dir / "logs" / "up.log")
+    t0 = time.monotonic()
+    console.print(f"[bold]aisrl up[/]: run {settings.run_id} -> {run_dir}  ({settings.replicas} rollout replicas, "
+                  f"{settings.steps} steps, task {settings.task})")  # fmt: skip
+    with stop_on_signals(stop, hurry):
+        try:
+            timings["model_init_s"] = ensure_model(settings, stop, console)
+            with redis_for(settings, console) as redis_url:
+                topology = build_topology(settings, resolve_ports(settings, free_port), redis_url)
+                (run_dir / "topology.json").write_text(json.dumps(_topology_json(topology), indent=2) + "\n")
+                return _run(settings, topology, console, stop, hurry, timings, t0)
+        except Stopped:
+            console.print("[yellow]stopped before the cluster was running[/]")
+            return EXIT_INTERRUPTED
+        except ClusterError as exc:
+            console.print(f"[red bold]failed[/]: {exc}")
+            return EXIT_FAILED
+
+
+def _run(
+    settings: ClusterSettings,
+    topology: Topology,
+    console: Console,
+    stop: threading.Event,
+    hurry: threading.Event,
+    timings: dict[str, float],
+    t0: float,
+) -> int:
+    run_dir = settings.run_dir
+    learner = next(p for p in topology.processes if p.main)
+    initial = None
+    if settings.baseline_eval:
+        with console.status("evaluating the initial policy (step 0) on the held-out split ..."):
+            started = time.monotonic()
+            try:
+                initial = cached_initial(run_dir / "initial_eval.json", learner.settings)
+            except Exception as exc:  # the learner would fail the same way: say so before starting anything
+                raise ClusterError("initial evaluation", f"{type(exc).__name__}: {exc}") from exc
+            timings["initial_eval_s"] = time.monotonic() - started
+        if initial:
+            sampled = f", sampled {initial['sampled']:.1%}" if initial.get("sampled") is not None else ""
+            console.print(f"[bold]step 0[/]: held-out greedy accuracy {initial['greedy']:.1%}{sampled} "
+                          f"on {initial['n']} problems")  # fmt: skip
+    if stop.is_set():
+        return EXIT_INTERRUPTED
+    states = {spec.name: "waiting" for spec in topology.processes}
+    supervisor = Supervisor(
+        topology, run_dir, health_timeout_s=settings.health_timeout_s, stop_grace_s=settings.stop_grace_s,
+        stop_event=stop, hurry_event=hurry, on_state=lambda name, state: states.__setitem__(name, state),
+    )  # fmt: skip
+    poller = Poller(topology, settings.steps)
+    poller.initial_accuracy = initial["greedy"] if initial else None
+    outcome, error = "interrupted", None
+    console.print(f"[bold]dashboard[/]: {topology.dashboard_url}")
+    console.print(f"logs: {run_dir / 'logs'}/<process>.log")
+    try:
+        with console.status("starting diagnostics, learner and rollouts (the engines load their models) ..."):
+            supervisor.start()
+        if not stop.is_set():
+            outcome = _watch(supervisor, poller, topology, states, settings, console).reason
+    except ClusterError as exc:
+        outcome, error = "failed", str(exc)
+        console.print(f"[red bold]{exc.name} failed[/]: {exc.reason}")
+        if exc.log_tail:
+            console.print(f"--- last lines of {exc.name}'s log ---\n{exc.log_tail}", markup=False, highlight=False)
+    finally:
+        console.print("stopping the cluster ...")
+        others = [name for name in supervisor.children if name != "diagnostics"]
+        results = supervisor.stop(others)  # rollouts and learner first: diagnostics keeps serving the records
+        with contextlib.suppress(Exception):
+            poller.fetch_new_batches()
+        results += supervisor.stop()
+        poller.close()
+        for r in results:
+            how = "killed after the grace period" if r.killed else "stopped"
+            console.print(f"  {r.name}: {how} (exit {r.returncode}, {r.seconds:.1f} s)")
+    timings.update(supervisor.timings)
+    timings["total_s"] = time.monotonic() - t0
+    paths = _report(settings, topology, outcome, error, poller.batches, initial, timings)
+    console.print(f"[bold]report[/]: {paths['summary']}  plots: {paths['learning']}, {paths['ais']}")
+    _print_result(console, json.loads(paths["summary"].read_text()))
+    return {"finished": EXIT_FINISHED, "interrupted": EXIT_INTERRUPTED}.get(outcome, EXIT_FAILED)
+
+
+def _watch(supervisor: Supervisor, poller: Poller, topology: Topology, states: dict[str, str],
+           settings: ClusterSettings, console: Console):  # fmt: skip
+    last_step: list[int | None] = [None]
+    if console.is_terminal:
+        with Live(render(poller.poll(_states(supervisor, topology, states))), console=console,
+                  refresh_per_second=1, transient=False) as live:  # fmt: skip
+
+            def tick() -> None:
+                live.update(render(poller.poll(_states(supervisor, topology, states))))
+
+            return supervisor.watch(tick, settings.poll_s)
+
+    def tick_plain() -> None:
+        snap = poller.poll(_states(supervisor, topology, states))
+        if snap.step is not None and snap.step != last_step[0]:
+            last_step[0] = snap.step
+            console.print(one_line(snap), markup=False, highlight=False, soft_wrap=True)
+
+    return supervisor.watch(tick_plain, settings.poll_s)
+
+
+def _report(
+    settings: ClusterSettings,
+    topology: Topology,
+    outcome: str,
+    error: str | None,
+    batches: list[dict[str, Any]],
+    initial: dict[str, Any] | None,
+    timings: dict[str, float],
+) -> dict[str, Path]:
+    learner = next(p for p in topology.processes if p.main)
+    path = log_path(settings.run_dir, learner)
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    steps, evals = learner_events(lines)
+    summary = build_summary(
+        run_id=settings.run_id, outcome=outcome, error=error, settings=settings.model_dump(mode="json"),
+        services={p.name: p.settings for p in topology.processes}, steps=steps, evals=evals, batches=batches,
+        initial_eval=initial, timings=timings, dashboard_url=topology.dashboard_url,
+    )  # fmt: skip
+    paths = write_report(settings.run_dir, summary)
+    log.info("report written", extra=log_fields(path=str(paths["summary"]), outcome=outcome))
+    return paths
+
+
+def _print_result(console: Console, summary: dict[str, Any]) -> None:
+    acc = summary["accuracy"]
+    first, last = acc["initial"], acc["final"]
+    reached = summary["steps"]["reached"]
+    console.print(f"[bold]{summary['outcome']}[/] after {reached} of {summary['steps']['target']} steps "
+                  f"in {summary['timings_s'].get('total_s', 0):.0f} s")  # fmt: skip
+    if first and last and first.get("greedy") is not None and last.get("greedy") is not None:
+        console.print(f"held-out greedy accuracy: step {first['step']}: {first['greedy']:.1%} -> "
+                      f"step {last['step']}: {last['greedy']:.1%} ({acc['change']:+.1%})")  # fmt: skip
+    reward = summary["reward"]
+    if reward["first_steps_mean"] is not None:
+        console.print(f"mean reward: first {reward['window']} steps {reward['first_steps_mean']:.3f} -> "
+                      f"last {reward['window']} steps {reward['last_steps_mean']:.3f}")  # fmt: skip
+
+
+def _log_to_file(path: Path) -> None:
+    """The supervisor's structured log: everything as JSON lines in the run's logs, warnings also on stderr."""
+    from aisrl.logs import _Formatter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cluster_log = logging.getLogger("aisrl.cluster")
+    for handler in list(cluster_log.handlers):
+        cluster_log.removeHandler(handler)
+        handler.close()
+    to_file = logging.FileHandler(path)
+    to_file.setFormatter(_Formatter(as_json=True))
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setLevel(logging.WARNING)
+    to_terminal.setFormatter(_Formatter(as_json=False))
+    cluster_log.addHandler(to_file)
+    cluster_log.addHandler(to_terminal)
+    cluster_log.setLevel(logging.INFO)
+    cluster_log.propagate = False
+
+
+def _topology_json(topology: Topology) -> dict[str, Any]:
+    return {
+        "run_id": topology.run_id, "redis_url": topology.redis_url, "dashboard_url": topology.dashboard_url,
+        "processes": [{"name": p.name, "service": p.service, "argv": list(p.argv), "env": dict(p.env),
+                       "ready_url": p.ready_url, "after": list(p.after), "main": p.main} for p in topology.processes],
+    }  # fmt: skip

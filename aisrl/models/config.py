@@ -1,0 +1,75 @@
+"""Configuration of model creation: the tiny model's shape and the warm-start settings.
+
+Invariant: pydantic only (no torch), so the command line can derive its options from these
+classes without importing the heavy parts; every field has a description and bounds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aisrl.models.tokenizer import MAX_LENGTH
+
+
+class TinyModelConfig(BaseModel):
+    """Shape of a tiny Llama; the vocabulary is the character tokenizer's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hidden_size: int = Field(128, ge=8, le=8192, description="Width of the residual stream.")
+    num_layers: int = Field(4, ge=1, le=64, description="Number of transformer blocks.")
+    num_heads: int = Field(4, ge=1, le=64, description="Attention heads (key/value heads too: no GQA).")
+    intermediate_size: int = Field(512, ge=8, le=32768, description="Width of the SwiGLU MLP.")
+    max_positions: int = Field(MAX_LENGTH, ge=16, le=32768, description="Longest prompt + completion, in tokens.")
+    init_std: float = Field(0.02, gt=0.0, le=1.0, description="Standard deviation of the random initial weights.")
+
+
+class WarmStartSettings(BaseSettings):
+    """Create a tiny model and warm-start it on a task's reference solutions (`aisrl model init`)."""
+
+    model_config = SettingsConfigDict(env_prefix="AISRL_MODEL_", extra="forbid", validate_default=True)
+
+    task: str = Field("countdown", description="Task name: countdown, sudoku, arithmetic or gsm8k.")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description='Task options as JSON, passed to get_task (e.g. {"max_numbers": 3}).'
+    )
+    out: str = Field(
+        "runs/model", min_length=1, description="Directory the model (HF format) and warmstart.json go to."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the initial weights and of the training problems.")
+    steps: int = Field(600, ge=0, le=1_000_000, description="Optimizer steps (0: save the random model).")
+    batch_size: int = Field(64, ge=1, le=4096, description="Sequences per step.")
+    lr: float = Field(3e-3, gt=0, le=1.0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
+    warmup_steps: int = Field(50, ge=0, description="Steps of linear learning-rate warmup.")
+    weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay.")
+    eval_size: int = Field(200, ge=0, le=100_000, description="Held-out problems for greedy accuracy (0: skip).")
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Longest greedy answer at evaluation, in tokens.")
+    hidden_size: int = Field(TinyModelConfig().hidden_size, ge=8, le=8192, description="Model width.")
+    num_layers: int = Field(TinyModelConfig().num_layers, ge=1, le=64, description="Transformer blocks.")
+    num_heads: int = Field(TinyModelConfig().num_heads, ge=1, le=64, description="Attention heads.")
+    intermediate_size: int = Field(TinyModelConfig().intermediate_size, ge=8, le=32768, description="MLP width.")
+    max_positions: int = Field(TinyModelConfig().max_positions, ge=16, le=32768, description="Context in tokens.")
+    log_every: int = Field(50, ge=1, description="Steps between loss updates on the progress bar.")
+
+    @field_validator("task_options", mode="before")
+    @classmethod
+    def _parse_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parsed = json.loads(value or "{}")
+            if not isinstance(parsed, dict):
+                raise ValueError("task_options must be a JSON object")
+            return parsed
+        return value
+
+    def model_shape(self) -> TinyModelConfig:
+        return TinyModelConfig(
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            max_positions=self.max_positions,
+        )

@@ -1,0 +1,1 @@
+"""Conversions between protobuf wire messages and in-memory types (numpy arrays, torch tensors, core types)."""
