@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import json
 import types
 import typing
 from collections.abc import Callable
@@ -35,6 +36,16 @@ class CommonSettings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = Field(False, description="Write logs as JSON lines instead of text.")
+
+
+def json_object_option(value: Any, field: str) -> Any:
+    """A JSON-object setting given as text (env var or CLI) is parsed; anything else passes through."""
+    if isinstance(value, str):
+        parsed = json.loads(value or "{}")
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{field} must be a JSON object")
+        return parsed
+    return value
 
 
 def env_name(settings_cls: type[BaseSettings], field_name: str) -> str:

@@ -6,13 +6,13 @@ classes without importing the heavy parts; every field has a description and bou
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aisrl.models.tokenizer import MAX_LENGTH
+from aisrl.settings import json_object_option
 
 
 class TinyModelConfig(BaseModel):
@@ -58,12 +58,7 @@ class WarmStartSettings(BaseSettings):
     @field_validator("task_options", mode="before")
     @classmethod
     def _parse_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            parsed = json.loads(value or "{}")
-            if not isinstance(parsed, dict):
-                raise ValueError("task_options must be a JSON object")
-            return parsed
-        return value
+        return json_object_option(value, "task_options")
 
     def model_shape(self) -> TinyModelConfig:
         return TinyModelConfig(

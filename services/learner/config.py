@@ -9,14 +9,13 @@ local fallback and the diagnostics service always see the same config.
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from aisrl.core.types import CorrectionConfig, CorrectionMode, WeightLevel
-from aisrl.settings import CommonSettings
+from aisrl.settings import CommonSettings, json_object_option
 from aisrl.streams import DEFAULT_PREFIX
 
 _CORR = CorrectionConfig.model_fields
@@ -160,12 +159,7 @@ class LearnerSettings(CommonSettings):
     @field_validator("task_options", mode="before")
     @classmethod
     def _parse_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            parsed = json.loads(value or "{}")
-            if not isinstance(parsed, dict):
-                raise ValueError("task_options must be a JSON object")
-            return parsed
-        return value
+        return json_object_option(value, "task_options")
 
     @model_validator(mode="after")
     def _check(self) -> LearnerSettings:
