@@ -58,7 +58,7 @@ class EchoTask:
     def verify(self, problem: EchoProblem, completion_text: str) -> float:
         if problem.reference == "boom":
             raise RuntimeError("verifier exploded")
-        return 1.0 if completion_text == problem.reference else 0.0
+        return 1.0 if completion_text.split("\n", 1)[0] == problem.reference else 0.0
 
 
 def get_echo_task(name: str) -> EchoTask:
