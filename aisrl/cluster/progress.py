@@ -158,6 +158,7 @@ class Poller:
         self.batches: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self.initial_accuracy: float | None = None
+        self._last: dict[str, Samples] = {}  # last metrics read per process (a stopped process keeps its figures)
 
     def _text(self, url: str) -> str | None:
         with contextlib.suppress(httpx.HTTPError):
@@ -166,13 +167,13 @@ class Poller:
                 return answer.text
         return None
 
-    def _metrics(self, base_url: str) -> Samples | None:
+    def _metrics(self, name: str, base_url: str) -> Samples | None:
+        """The process's metrics now, else the last ones read (None before the first answer)."""
         text = self._text(base_url + "/metrics")
-        if text is None:
-            return None
-        with contextlib.suppress(ValueError):
-            return parse_metrics(text)
-        return None
+        if text is not None:
+            with contextlib.suppress(ValueError):
+                self._last[name] = parse_metrics(text)
+        return self._last.get(name)
 
     def fetch_new_batches(self) -> list[dict[str, Any]]:
         """Diagnostics records after the last one seen (paged)."""
@@ -194,12 +195,16 @@ class Poller:
 
     def poll(self, states: Mapping[str, str]) -> Snapshot:
         learner = next(p for p in self.topology.processes if p.main)
-        rollouts = {p.name: self._metrics(p.http_url) for p in self.topology.processes if p.service == "rollout"}
+        rollouts = {
+            p.name: self._metrics(p.name, p.http_url) for p in self.topology.processes if p.service == "rollout"
+        }
         self.fetch_new_batches()
+        learner_metrics = self._metrics(learner.name, learner.http_url)
+        latest = self.batches[-1] if self.batches else None
+        elapsed = time.monotonic() - self.started
         return snapshot_from(
-            self.topology, self.steps_target, time.monotonic() - self.started, self._metrics(learner.http_url),
-            rollouts, self.batches[-1] if self.batches else None, states, self.initial_accuracy,
-        )  # fmt: skip
+            self.topology, self.steps_target, elapsed, learner_metrics, rollouts, latest, states, self.initial_accuracy
+        )
 
     def close(self) -> None:
         self.http.close()

@@ -118,6 +118,8 @@ def build_summary(
     rows = per_step_rows(steps, batches)
     evaluations = eval_rows(evals, initial_eval)
     first, last = (evaluations[0], evaluations[-1]) if evaluations else (None, None)
+    if last is first:
+        last = None
     rewards = [r["reward"] for r in rows if r["reward"] is not None]
     window = max(1, min(5, len(rewards) // 4)) if rewards else 0
     return {
@@ -126,10 +128,10 @@ def build_summary(
         "error": error,
         "steps": {"target": settings.get("steps"), "reached": rows[-1]["step"] if rows else 0},
         "accuracy": {
-            "metric": "greedy accuracy on the task's held-out split (share of answers with reward 1)",
-            "initial": first, "final": last if last is not first else None,
-            "change": (last["greedy"] - first["greedy"]) if first and last and last is not first
-                      and first["greedy"] is not None and last["greedy"] is not None else None,
+            "metric": "accuracy on the task's held-out split (share of answers with reward 1): greedy, and "
+                      "sampled at the rollout temperature when eval_samples > 0",
+            "initial": first, "final": last,
+            "change": _change(first, last, "greedy"), "sampled_change": _change(first, last, "sampled"),
         },
         "reward": {
             "first_steps_mean": _mean(rewards[:window]), "last_steps_mean": _mean(rewards[-window:]),
@@ -145,6 +147,12 @@ def build_summary(
         "settings": dict(settings),
         "services": {k: dict(v) for k, v in services.items()},
     }  # fmt: skip
+
+
+def _change(first: Mapping[str, Any] | None, last: Mapping[str, Any] | None, key: str) -> float | None:
+    if not first or not last or first.get(key) is None or last.get(key) is None:
+        return None
+    return last[key] - first[key]
 
 
 def _mean(values: Sequence[float]) -> float | None:

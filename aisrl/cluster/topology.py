@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,6 @@ class Topology:
     dashboard_url: str
     learner_metrics_url: str
     diagnostics_url: str
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def by_name(self, name: str) -> ProcessSpec:
         for spec in self.processes:

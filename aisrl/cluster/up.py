@@ -25,7 +25,15 @@ from aisrl.cluster.baseline import cached_initial
 from aisrl.cluster.config import ClusterSettings
 from aisrl.cluster.progress import Poller, one_line, render
 from aisrl.cluster.report import build_summary, learner_events, write_report
-from aisrl.cluster.supervisor import ClusterError, Supervisor, run_job, signals_blocked, stop_on_signals
+from aisrl.cluster.supervisor import (
+    ClusterError,
+    Supervisor,
+    exit_reason,
+    run_job,
+    signals_blocked,
+    stop_on_signals,
+    tail,
+)
 from aisrl.cluster.topology import Topology, build_model_init, build_topology, log_path, resolve_ports
 from aisrl.logs import log_fields
 from aisrl.redis_conn import RedisUnavailableError, free_port, start_embedded_redis
@@ -58,8 +66,6 @@ def ensure_model(settings: ClusterSettings, stop: threading.Event, console: Cons
     if rc is None:
         raise Stopped()
     if rc != 0:
-        from aisrl.cluster.supervisor import exit_reason, tail
-
         raise ClusterError("model-init", exit_reason(rc), tail(logfile))
     target.parent.mkdir(parents=True, exist_ok=True)
     partial.rename(target)
@@ -245,6 +251,9 @@ def _print_result(console: Console, summary: dict[str, Any]) -> None:
     if first and last and first.get("greedy") is not None and last.get("greedy") is not None:
         console.print(f"held-out greedy accuracy: step {first['step']}: {first['greedy']:.1%} -> "
                       f"step {last['step']}: {last['greedy']:.1%} ({acc['change']:+.1%})")  # fmt: skip
+        if first.get("sampled") is not None and last.get("sampled") is not None:
+            console.print(f"held-out sampled accuracy: step {first['step']}: {first['sampled']:.1%} -> "
+                          f"step {last['step']}: {last['sampled']:.1%} ({acc['sampled_change']:+.1%})")  # fmt: skip
     reward = summary["reward"]
     if reward["first_steps_mean"] is not None:
         console.print(f"mean reward: first {reward['window']} steps {reward['first_steps_mean']:.3f} -> "

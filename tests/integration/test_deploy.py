@@ -82,6 +82,7 @@ PLACEMENT = {
     "redis_url", "http_host", "http_port", "grpc_host", "grpc_port", "advertise_host", "diagnostics_target",
     "work_dir", "worker_id", "embedded_redis_dir", "run_id", "model_path", "out",
 }  # fmt: skip
+THREAD_ENV = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND"}
 
 
 # ----------------------------------------------------------------------------------------- tools
@@ -799,8 +800,12 @@ def test_aisrl_up_topology_runs_what_compose_runs() -> None:
         assert (model[0] is None) == (model[1] is None), f"{spec.name}: model_path {model}"
         if model[0] and model[1]:
             assert Path(model[0]).name == Path(model[1]).name, f"{spec.name}: a different model {model}"
-        others = ({k: v for k, v in spec.env.items() if not k.startswith("AISRL_")},
-                  {k: v for k, v in proc.env.items() if not k.startswith("AISRL_")})  # fmt: skip
+        # Thread counts are placement, not settings: cluster.yaml's `threads:` sizes OpenMP to the cores
+        # of the machine `aisrl up` runs on; containers get theirs from CPU limits.
+        others = tuple(
+            {k: v for k, v in env.items() if not k.startswith("AISRL_") and k not in THREAD_ENV}
+            for env in (spec.env, proc.env)
+        )
         assert others[0] == others[1], f"{spec.name}: non-settings environment (up, compose) {others}"
         closure, todo = set(), list(proc.spec.get("depends_on", {}))
         while todo:

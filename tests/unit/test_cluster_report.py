@@ -70,6 +70,7 @@ def test_summary_and_plots_are_written(tmp_path):
     assert summary["steps"] == {"target": 12, "reached": 12}
     assert summary["accuracy"]["initial"]["step"] == 0 and summary["accuracy"]["final"]["step"] == 12
     assert math.isclose(summary["accuracy"]["change"], 0.32 - 0.15)
+    assert summary["accuracy"]["sampled_change"] is None  # not measured: null, not 0
     assert summary["steps_with_local_alpha"] == 1 and summary["diagnostics_records"] == 11
     assert summary["reward"]["last_steps_mean"] > summary["reward"]["first_steps_mean"]
     paths = write_report(tmp_path, summary)
