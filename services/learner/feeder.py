@@ -6,6 +6,8 @@ Invariants:
   last job actually written (never re-issuing, never skipping an index).
 - A job id names its problem index and attempt (`p<index>-a<attempt>`), so a stale group's prompt
   can be re-queued by regenerating the problem from (seed, index): nothing has to be remembered.
+- A job's min_policy_version is the version current at its admission (its issued_version):
+  rollout workers sample it under that version or newer, so it is not stale when trained.
 - Jobs are admitted only through the gate (staleness.py); a re-queue replaces its job. A job a
   rollout worker dead-letters will never come back as a group: the feeder follows the run's
   dead-letter stream and frees its slot (`gate.on_rejected`), so the gate never leaks capacity.
@@ -68,6 +70,7 @@ def job_seed(seed: int, index: int, attempt: int) -> int:
 def make_job(
     spec: JobSpec, source: ProblemSource, index: int, attempt: int, version: int, now: float
 ) -> rollout_pb2.PromptJob:
+    """The job of problem `index` (attempt `attempt`), admitted while the learner is at `version`."""
     task, problem_json = source(index)
     return rollout_pb2.PromptJob(
         run_id=spec.run_id,
@@ -77,7 +80,9 @@ def make_job(
         group_size=spec.group_size,
         max_tokens=spec.max_tokens,
         temperature=spec.temperature,
-        min_policy_version=max(0, version - spec.max_staleness),
+        # Admitted at `version`, the group is trained by version + max_staleness at the latest (staleness.py):
+        # sampled at >= version it is never stale, so rollout workers wait for this version before sampling.
+        min_policy_version=version,
         issued_version=version,
         seed=job_seed(spec.seed, index, attempt),
         created_unix=now,

@@ -108,6 +108,14 @@ class RolloutSettings(CommonSettings):
         le=86_400,
         description="At start, how long to wait for the latest announced weights before sampling (0: don't wait).",
     )
+    version_wait_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Before sampling a batch whose jobs require a newer policy version than loaded "
+        "(min_policy_version), how long to wait for the weights follower to fetch it; on timeout the batch is "
+        "sampled with the loaded weights (0: don't wait). Keep it well below reclaim_idle_ms.",
+    )
     shutdown_grace_s: float = Field(
         60.0,
         ge=0,

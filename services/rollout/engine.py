@@ -226,7 +226,16 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def load_weights(self, model_dir: str | Path) -> float:
-        """Replaces the weights in place from an HF checkpoint directory; returns the seconds it took."""
+        """Replaces the weights in place from an HF checkpoint directory; returns the seconds it took.
+
+        On failure the engine keeps its old weights, unless the failure came part-way and left them
+        mixed: then `broken` says why, `generate` refuses, and only a complete load repairs it.
+        """
+
+    @property
+    def broken(self) -> str | None:
+        """Why the engine must not sample (a reload failed part-way, its weights are mixed), else None."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - engines without resources need nothing
         """Releases the engine's resources; the engine is unusable afterwards."""

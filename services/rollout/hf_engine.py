@@ -48,6 +48,7 @@ class HfEngine(RolloutEngine):
         self.fp8_emulated = self.precision == "fp8"
         self.model_dir = Path(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._broken: str | None = None
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self._tokenizer.padding_side = "left"
         self._model = AutoModelForCausalLM.from_pretrained(
@@ -60,6 +61,8 @@ class HfEngine(RolloutEngine):
         self._eos_only = [self._tokenizer.eos_token_id]
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        if self._broken:
+            raise RuntimeError(f"the HF engine is broken: {self._broken}; load a good checkpoint first")
         if not prompts:
             return []
         tok = self._tokenizer
@@ -110,15 +113,24 @@ class HfEngine(RolloutEngine):
         state = _read_state_dict(Path(model_dir))
         if self.fp8_emulated:
             state, self.last_fp8_report = emulate_fp8_state_dict(state, self.config.fp8_granularity)
-        missing, unexpected = self._model.load_state_dict(state, strict=False)
+        try:  # from here on a failure leaves the weights mixed: what was copied stays copied
+            missing, unexpected = self._model.load_state_dict(state, strict=False)
+        except Exception as exc:
+            self._broken = f"loading {model_dir} failed part-way ({exc!r})"
+            raise
         # A tied lm_head is absent from the checkpoint by design; anything else missing is an error.
         missing = [k for k in missing if not (k == "lm_head.weight" and self._model.config.tie_word_embeddings)]
         if missing or unexpected:
+            self._broken = f"{model_dir} was loaded only in part"
             raise ValueError(
                 f"checkpoint {model_dir} does not fit the model: missing {missing}, unexpected {unexpected}"
             )
-        self.model_dir = Path(model_dir)
+        self.model_dir, self._broken = Path(model_dir), None
         return time.perf_counter() - start
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
 
     def close(self) -> None:
         self._model = None  # type: ignore[assignment]

@@ -55,6 +55,20 @@ class RolloutMetrics:
         self.backpressure_seconds = Counter(
             "aisrl_rollout_backpressure_seconds", "Seconds spent waiting for the trajectories backlog", registry=r
         )
+        self.version_waits = Counter(
+            "aisrl_rollout_version_waits", "Batches that waited for the policy version their jobs require", registry=r
+        )
+        self.version_wait_seconds = Counter(
+            "aisrl_rollout_version_wait_seconds", "Seconds spent waiting for required policy versions", registry=r
+        )
+        self.version_wait_timeouts = Counter(
+            "aisrl_rollout_version_wait_timeouts",
+            "Batches sampled under an older policy version than their jobs require (wait timed out or reload failed)",
+            registry=r,
+        )
+        self.restores = Counter(
+            "aisrl_rollout_engine_restores", "Last good weights reloaded after a reload broke the engine", registry=r
+        )
         self.ready = Gauge("aisrl_rollout_engine_loaded", "1 once the engine is loaded", registry=r)
         self.current_version = 0
 

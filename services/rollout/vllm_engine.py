@@ -133,28 +133,46 @@ class VllmEngine(RolloutEngine):
 
     def load_weights(self, model_dir: str | Path) -> float:
         """Reloads in place. A checkpoint that does not fit is refused before vLLM sees it (weights unchanged);
-        if vLLM still fails part-way, the engine is marked broken (its weights are mixed) and must be recreated."""
-        self._check_usable()
+        if vLLM still fails part-way, the engine is marked broken (its weights are mixed). Loading into a broken
+        engine starts a fresh vLLM engine on the checkpoint instead: vLLM 0.32's layer-wise reload state cannot
+        be repaired in place (test_vllm_engine.py), so that is what makes it usable again."""
+        if self._llm is None:
+            raise RuntimeError("the vLLM engine is closed")
         start = time.perf_counter()
         model_dir = Path(model_dir)
         check_same_layout(self.model_dir, model_dir)
         previous = self._loaded_dir
         load_dir = self._prepare(model_dir)
         try:
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(load_dir)})
+            if self._broken:
+                self._restart(load_dir)
+            else:
+                self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(load_dir)})
         except Exception as exc:
-            self._broken = f"reloading {model_dir} failed part-way ({exc!r})"
-            raise RuntimeError(f"{self._broken}: the engine's weights are mixed; close and recreate it") from exc
-        self.model_dir, self._loaded_dir = model_dir, load_dir
+            self._broken = f"loading {model_dir} failed part-way ({exc!r})"
+            if load_dir not in (previous, model_dir):  # an FP8-emulated copy nobody will use
+                shutil.rmtree(load_dir, ignore_errors=True)
+            raise RuntimeError(f"{self._broken}: the engine's weights are mixed; load a good checkpoint") from exc
+        self.model_dir, self._loaded_dir, self._broken = model_dir, load_dir, None
         if self.fp8_emulated and previous != load_dir:
             shutil.rmtree(previous, ignore_errors=True)
         return time.perf_counter() - start
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
+
+    def _restart(self, load_dir: Path) -> None:
+        """Replaces the vLLM engine by a fresh one on load_dir (the old one is shut down first, freeing its memory)."""
+        llm, self._llm = self._llm, None  # closed until the new one is up: a failure leaves nothing half-made
+        llm.llm_engine.engine_core.shutdown()
+        self._llm = self._start(load_dir)
 
     def _check_usable(self) -> None:
         if self._llm is None:
             raise RuntimeError("the vLLM engine is closed")
         if self._broken:
-            raise RuntimeError(f"the vLLM engine is broken: {self._broken}; close and recreate it")
+            raise RuntimeError(f"the vLLM engine is broken: {self._broken}; load a good checkpoint first")
 
     def close(self) -> None:
         llm, self._llm = getattr(self, "_llm", None), None

@@ -10,6 +10,8 @@ Invariants:
   arrives during a backoff is fetched next, the stale one is dropped.
 - Every fetch has a deadline (the whole gRPC stream), so a stuck server never wedges a replica.
 - A replica that starts late catches up: the newest notice already on the stream is its first target.
+- The directory of the version the engine runs is kept until a newer one is loaded: a reload that
+  breaks the engine is undone by loading it again (worker.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +132,7 @@ async def fetch_weights(
 
 
 class WeightsFollower:
-    """Background task (`run`) plus the worker's side (`take_ready`, `loaded`, `reload_failed`)."""
+    """Background task (`run`) plus the worker's side (`take_ready`, `loaded`, `reload_failed`, the waits)."""
 
     def __init__(
         self,
@@ -165,7 +167,7 @@ class WeightsFollower:
         self._ready: FetchedWeights | None = None
         self._taken: FetchedWeights | None = None
         self._retry_at = 0.0
-        self._changed = asyncio.Event()
+        self._changed = asyncio.Event()  # set on every change of target, ready version or failure
         self._started = asyncio.Event()  # set once the notices already on the stream are known
 
     # -- the worker's side
@@ -178,7 +180,7 @@ class WeightsFollower:
         return ready
 
     def loaded(self, fetched: FetchedWeights) -> None:
-        """The engine now runs `fetched`: older saved versions are deleted."""
+        """The engine now runs `fetched`: older saved versions are deleted (fetched's stays, see the invariants)."""
         self.loaded_version = max(self.loaded_version, fetched.version)
         self._taken = None
         keep = {fetched.path} | ({self._ready.path} if self._ready else set())
@@ -205,14 +207,20 @@ class WeightsFollower:
 
     async def wait_caught_up(self, timeout_s: float) -> bool:
         """Waits until the newest announced version is ready (or loaded); False on timeout."""
+        return await self._wait_until(lambda: self._started.is_set() and not self.behind(), timeout_s)
+
+    async def wait_for_version(self, version: int, timeout_s: float) -> bool:
+        """Waits until a version >= `version` is ready (or loaded); False on timeout."""
+        return await self._wait_until(lambda: self.newest_known >= version, timeout_s)
+
+    async def _wait_until(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        """Re-checks `done` whenever the follower's state changes, until it holds (True) or timeout_s passes."""
         deadline = time.monotonic() + timeout_s
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._started.wait(), timeout=timeout_s)
-        while not self._started.is_set() or self.behind():
+        while not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self._changed.clear()
+            self._changed.clear()  # no await since done() was checked: no change can be missed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=remaining)
         return True
@@ -223,6 +231,7 @@ class WeightsFollower:
         """Watches notices and fetches newer versions until cancelled."""
         last_id = await self._start_position()
         self._started.set()
+        self._changed.set()
         while True:
             if self.behind() and time.monotonic() >= self._retry_at:
                 await self._fetch(self.target)

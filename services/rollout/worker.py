@@ -7,6 +7,11 @@ Invariants:
   another) is dropped here, not written twice.
 - Every group is sampled under one policy version: weights are swapped only between batches,
   and the version is read once per batch.
+- A batch is sampled under at least the newest `min_policy_version` of its jobs whenever the
+  weights follower gets that version within `version_wait_s` (otherwise under the loaded one,
+  counted and logged): a group sampled under an older version would be trained too stale.
+- The engine never samples while broken: a reload that fails part-way is followed by a reload of
+  the last good version's directory; if that fails too, the worker raises `EngineBroken` (fatal).
 - A job that cannot be used (undecodable, wrong run, unknown task, bad problem, bad sizes,
   broken logprobs, a failing verifier, delivered too often) is dead-lettered with its reason;
   the worker keeps running. Logprobs are never repaired or replaced by zeros.
@@ -22,10 +27,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -45,6 +51,7 @@ from aisrl.v1 import common_pb2, rollout_pb2
 from aisrl.wire.arrays import float32_to_bytes, int32_to_bytes
 
 log = logging.getLogger("aisrl.rollout")
+T = TypeVar("T")
 
 
 class Problem(Protocol):
@@ -63,6 +70,11 @@ class WeightSource(Protocol):
     def take_ready(self) -> Any: ...
     def loaded(self, fetched: Any) -> None: ...
     def reload_failed(self, fetched: Any, error: BaseException) -> None: ...
+    async def wait_for_version(self, version: int, timeout_s: float) -> bool: ...
+
+
+class EngineBroken(RuntimeError):
+    """Fatal: a failed reload left the engine's weights mixed and the last good weights could not be reloaded."""
 
 
 class InvalidJob(Exception):
@@ -135,6 +147,11 @@ def decode_job(
     if problem.task != pb.task:
         raise InvalidJob("problem", f"problem_json is a {problem.task!r} problem, the job says task {pb.task!r}")
     return Job(entry.id, pb, task, problem, now)
+
+
+def required_version(jobs: Sequence[Job]) -> int:
+    """The oldest policy version the learner will train every job of the batch on."""
+    return max((job.pb.min_policy_version for job in jobs), default=0)
 
 
 def sampling_key(job: Job) -> tuple[int, int, float]:
@@ -240,6 +257,19 @@ async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
+async def unless_stopped(stop: asyncio.Event, awaitable: Awaitable[T]) -> T | None:
+    """The awaitable's result, or None when stop is set first (the awaitable is then cancelled)."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this coroutine is cancelled: leave nothing running
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task in done else None
+
+
 class RolloutWorker:
     """One consumer of the run's prompts stream; see the module invariants."""
 
@@ -273,6 +303,7 @@ class RolloutWorker:
         self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.clock = clock
         self.version = settings.initial_version
+        self.loaded_dir = Path(engine.model_dir)  # the weights of self.version: what a broken engine reloads
         self._task_lookup = tasks
         self._tasks: dict[str, Task] = {}
         self._parse_problem = parse_problem
@@ -317,7 +348,7 @@ class RolloutWorker:
             if stop.is_set():  # read during shutdown: hand back without starting
                 await self._release()
                 return 0
-            await self.process(entries)
+            await self.process(entries, stop)
         except BaseException:
             await self._release()
             raise
@@ -348,24 +379,69 @@ class RolloutWorker:
         return False
 
     async def maybe_reload(self) -> None:
-        """Loads the newest fetched weights, if any; on failure keeps the current version."""
+        """Loads the newest fetched weights, if any; on failure keeps (or restores) the current version."""
         fetched = self.weights.take_ready() if self.weights else None
         if fetched is None or fetched.version <= self.version:
             return
         try:
             seconds = await self._engine_call(self.engine.load_weights, fetched.path)
-        except Exception as exc:  # the engine keeps its old weights; the follower counts it and retries
-            self._log(logging.ERROR, "weight reload failed, keeping the old version", version=self.version,
-                      new_version=fetched.version, error=repr(exc))  # fmt: skip
+        except Exception as exc:  # the follower counts it and fetches the version again after a backoff
+            broken = self.engine.broken  # None: the engine kept its old weights
+            then = "restoring the last good weights" if broken else "keeping the old version"
+            self._log(logging.ERROR, f"weight reload failed, {then}", version=self.version,
+                      new_version=fetched.version, error=repr(exc), broken=broken)  # fmt: skip
             self.weights.reload_failed(fetched, exc)
+            if broken:
+                await self._restore(broken)
             return
-        previous, self.version = self.version, fetched.version
+        previous, self.version, self.loaded_dir = self.version, fetched.version, fetched.path
         self.metrics.set_version(self.version)
         self.metrics.reload_seconds.set(seconds)
         self.metrics.reloads.inc()
         self.weights.loaded(fetched)
         self._log(logging.INFO, "weights reloaded", version=self.version, previous=previous,
                   reload_s=round(seconds, 4), fetch_s=round(fetched.fetch_seconds, 4))  # fmt: skip
+
+    async def _restore(self, why: str) -> None:
+        """Reloads the current version's directory into a broken engine; EngineBroken when that fails too."""
+        try:
+            seconds = await self._engine_call(self.engine.load_weights, self.loaded_dir)
+            error = self.engine.broken
+        except Exception as exc:
+            error = repr(exc)
+        if error is not None:
+            self._log(logging.CRITICAL, "engine broken and the last good weights do not load: stopping",
+                      version=self.version, path=str(self.loaded_dir), error=error)  # fmt: skip
+            raise EngineBroken(f"{why}; reloading version {self.version} from {self.loaded_dir} failed too: {error}")
+        self.metrics.restores.inc()
+        self._log(logging.WARNING, "last good weights restored", version=self.version, path=str(self.loaded_dir),
+                  reload_s=round(seconds, 4))  # fmt: skip
+
+    async def reach_version(self, required: int, stop: asyncio.Event) -> bool:
+        """Before sampling: loads a version >= required, waiting up to version_wait_s for the follower to fetch it.
+
+        False when stop is set while waiting (nothing may be sampled then); otherwise True, also when the
+        version was not reached in time (the batch is then sampled under the loaded one, counted and logged).
+        """
+        wait_s = self.settings.version_wait_s
+        if required <= self.version or self.weights is None or wait_s == 0:
+            return True
+        self.metrics.version_waits.inc()
+        self._log(logging.INFO, "waiting for the policy version the jobs require", version=self.version,
+                  required=required)  # fmt: skip
+        t0 = time.monotonic()
+        fetched = await unless_stopped(stop, self.weights.wait_for_version(required, wait_s))
+        waited = time.monotonic() - t0
+        self.metrics.version_wait_seconds.inc(waited)
+        if fetched is None:
+            return False
+        await self.maybe_reload()  # also after a timeout: anything newer than loaded is still better
+        if self.version < required:
+            self.metrics.version_wait_timeouts.inc()
+            self._log(logging.WARNING, "sampling under an older policy version than the jobs require",
+                      version=self.version, required=required, waited_s=round(waited, 3),
+                      reason="reload failed" if fetched else "wait timed out")  # fmt: skip
+        return True
 
     async def next_entries(self) -> list[streams.StreamEntry]:
         """Own pending jobs first, then idle jobs of other consumers (every reclaim interval), then new jobs."""
@@ -397,7 +473,7 @@ class RolloutWorker:
             )  # fmt: skip
         return entries
 
-    async def process(self, entries: Sequence[streams.StreamEntry]) -> None:
+    async def process(self, entries: Sequence[streams.StreamEntry], stop: asyncio.Event | None = None) -> None:
         """Decodes, samples, scores and writes one batch (see the module invariants)."""
         started = time.monotonic()
         jobs, dead = self._decode(entries)
@@ -405,6 +481,11 @@ class RolloutWorker:
             await self._write([], dead)
         if not jobs:
             return
+        if not await self.reach_version(required_version(jobs), stop or asyncio.Event()):
+            await self._release()  # stopped while waiting: hand the batch back unsampled
+            return
+        if self.engine.broken:  # never sample mixed weights (raised before any job is touched)
+            raise EngineBroken(f"the engine is broken: {self.engine.broken}")
         version = self.version  # one version for the whole batch
         sampled, failed, generate_s = await self._generate(jobs)
         meta = GroupMeta(

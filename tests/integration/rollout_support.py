@@ -100,6 +100,8 @@ class FakeEngine(RolloutEngine):
     Prompts with "NAN" make the whole call raise RolloutLogprobError (as make_completion does for a
     real engine); "MISSING" returns completions with fewer logprobs than tokens, unvalidated.
     `gate` (a threading.Event) holds generate until set; `gate_file` holds it until the file exists.
+    Loading a directory named in `break_on` fails part-way and leaves the engine broken (mixed
+    weights, as VllmEngine after a failed reload): it refuses to generate until a load succeeds.
     """
 
     def __init__(
@@ -110,10 +112,15 @@ class FakeEngine(RolloutEngine):
         gate_file: str | None = None,
         on_generate: str | None = None,
         delay_s: float = 0.0,
+        model_dir: str | Path = ".",
+        break_on: set[str] | None = None,
     ) -> None:
         self.precision = precision  # type: ignore[assignment]
         self.fp8_emulated = fp8_emulated
-        self.model_dir = Path(".")
+        self.model_dir = Path(model_dir)
+        self.break_on = set(break_on or ())
+        self.attempts: list[Path] = []  # every load_weights call, failed or not
+        self._broken: str | None = None
         self.gate = gate
         self.gate_file = gate_file
         self.on_generate = on_generate  # printed (with the prompt count) when generate starts
@@ -125,6 +132,8 @@ class FakeEngine(RolloutEngine):
         self.closed = False
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        if self._broken:
+            raise RuntimeError(f"the fake engine is broken: {self._broken}")
         self.calls.append((list(prompts), sampling))
         self.entered.set()
         if self.on_generate:
@@ -155,9 +164,18 @@ class FakeEngine(RolloutEngine):
     def load_weights(self, model_dir: str | Path) -> float:
         from safetensors.torch import load_file
 
+        self.attempts.append(Path(model_dir))
+        if Path(model_dir).name in self.break_on:
+            self._broken = f"loading {model_dir} failed part-way"
+            raise RuntimeError(self._broken)
         self.loaded_state = load_file(str(Path(model_dir) / "model.safetensors"))
         self.loads.append(Path(model_dir))
+        self._broken = None
         return 0.001
+
+    @property
+    def broken(self) -> str | None:
+        return self._broken
 
     def close(self) -> None:
         self.closed = True

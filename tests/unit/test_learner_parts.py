@@ -40,8 +40,17 @@ def test_job_ids_round_trip_and_foreign_ids_are_none():
     assert parse_job_id("somebody-else") is None
     spec = JobSpec("r", group_size=4, max_tokens=8, temperature=0.7, max_staleness=2, seed=1)
     job = make_job(spec, lambda i: ("toy", f'{{"i": {i}}}'), 5, 1, version=7, now=1.0)
-    assert (job.job_id, job.issued_version, job.min_policy_version, job.problem_json) == ("p5-a1", 7, 5, '{"i": 5}')
+    assert (job.job_id, job.issued_version, job.problem_json) == ("p5-a1", 7, '{"i": 5}')
     assert job.seed != make_job(spec, lambda i: ("toy", ""), 5, 2, 7, 1.0).seed  # attempts sample differently
+
+
+@pytest.mark.parametrize(("version", "max_staleness"), [(0, 0), (0, 2), (1, 1), (7, 2), (40, 4)])
+def test_jobs_require_the_version_current_at_admission(version, max_staleness):
+    """Admitted at v, a group is trained by v + max_staleness at the latest: sampled at >= v it is never stale
+    (v - max_staleness, the old value, let workers sample at versions the batcher then rejects)."""
+    spec = JobSpec("r", group_size=4, max_tokens=8, temperature=1.0, max_staleness=max_staleness, seed=1)
+    job = make_job(spec, lambda i: ("toy", "{}"), 3, 0, version=version, now=1.0)
+    assert job.min_policy_version == job.issued_version == version
 
 
 def test_group_decodes():

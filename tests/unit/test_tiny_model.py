@@ -109,6 +109,27 @@ def test_hf_engine_reload_and_fp8_emulation(model_dir, tmp_path):
     assert engine.model_dir == other and torch.equal(engine._model.model.layers[0].self_attn.q_proj.weight, q_proj)
 
 
+def test_hf_engine_broken_by_a_part_way_load_until_a_good_load(model_dir, tmp_path, monkeypatch):
+    """A misfit checkpoint let past the layout check is copied in part (load_state_dict copies what fits,
+    then raises): the engine is broken and refuses to sample until a complete load repairs it."""
+    from aisrl.services.rollout import hf_engine
+
+    narrow = init_model_dir(tmp_path / "narrow", SMALL.model_copy(update={"intermediate_size": 48}), seed=1)
+    engine = HfEngine(model_dir, EngineConfig())
+    sampling = SamplingConfig(n=2, max_tokens=4, seed=0)
+    before = engine.generate(["1+1="], sampling)
+    monkeypatch.setattr(hf_engine, "check_same_layout", lambda current, new: None)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        engine.load_weights(narrow)
+    assert engine.broken and engine.model_dir == model_dir
+    with pytest.raises(RuntimeError, match="broken"):
+        engine.generate(["1+1="], sampling)
+    monkeypatch.undo()
+    engine.load_weights(model_dir)
+    after = engine.generate(["1+1="], sampling)
+    assert engine.broken is None and [c.logprobs.tolist() for c in after[0]] == [c.logprobs.tolist() for c in before[0]]
+
+
 def test_warm_start_is_deterministic_and_trains_on_completions_only(tmp_path):
     from aisrl.models.config import WarmStartSettings
     from aisrl.models.warmstart import IGNORE, make_batch, warm_start
