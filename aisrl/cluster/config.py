@@ -135,10 +135,17 @@ class ClusterSettings(BaseSettings):
     run_id: str = Field(
         default_factory=default_run_id,
         pattern=r"^[A-Za-z0-9._-]{1,200}$",
-        description="Run name (default: run-<date>-<time>). Reusing one resumes it from its checkpoint and streams.",
+        description="Run name (default: run-<date>-<time>). Reusing one resumes that run: the learner from its "
+        "newest checkpoint in <out_dir>/<run_id>/learner, the rollouts rejoin the run's Redis streams and consumer "
+        "groups (keep the same Redis: redis_url, or the embedded one's AOF in the run directory); the report covers "
+        "the whole run.",
     )
     steps: int = Field(
-        40, ge=1, le=10_000_000, description="Stop the cluster once the learner has taken this many steps."
+        40,
+        ge=1,
+        le=10_000_000,
+        description="Stop the cluster once the learner has taken this many steps in all (a resumed run counts the "
+        "steps it already took: --steps 50 after 40 trains 10 more).",
     )
     replicas: int = Field(2, ge=1, le=64, description="Rollout replicas.")
     task: str = Field("countdown", min_length=1, description="Task to train on (aisrl.tasks).")

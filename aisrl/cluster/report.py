@@ -5,6 +5,7 @@ events, the diagnostics service's batch records, the step-0 evaluation, timings)
 `write_report` touches the disk. A quantity that was not measured is null in the JSON and absent
 from the plots, never a made-up zero. Sources:
 - per step (reward, alpha, kl, loss, tokens, tokens/s, staleness): the learner's `step` log events;
+- where a resumed run picked up: the learner's `learner started` events (its log is appended to);
 - held-out accuracy: the learner's `evaluation` events, plus the step-0 evaluation run before training;
 - rho, s, p (and alpha/kl as diagnostics recorded them): GET /v1/runs/{run}/batches.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,8 @@ PRECISION_NOTE = (
 )
 
 
-def learner_events(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(step events, evaluation events) from the learner's log: JSON lines with msg `step` / `evaluation`.
-
-    Non-JSON lines (prints, library warnings) are skipped. A step logged twice (a resumed run
-    redoing a step) keeps the latest.
-    """
-    steps: dict[int, dict[str, Any]] = {}
-    evals: dict[int, dict[str, Any]] = {}
+def _learner_json(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The learner's own JSON log events that carry a step; non-JSON lines (prints, library warnings) are skipped."""
     for line in lines:
         line = line.strip()
         if not line.startswith("{"):
@@ -45,13 +40,30 @@ def learner_events(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[dic
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(event, dict) or event.get("logger") != "aisrl.learner" or "step" not in event:
-            continue
+        if isinstance(event, dict) and event.get("logger") == "aisrl.learner" and "step" in event:
+            yield event
+
+
+def learner_events(lines: Iterable[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(step events, evaluation events) from the learner's log: JSON lines with msg `step` / `evaluation`.
+
+    A step logged twice (a resumed run redoing a step) keeps the latest.
+    """
+    steps: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    for event in _learner_json(lines):
         if event.get("msg") == "step":
             steps[int(event["step"])] = event
         elif event.get("msg") == "evaluation":
             evals[int(event["step"])] = event
     return [steps[k] for k in sorted(steps)], [evals[k] for k in sorted(evals)]
+
+
+def learner_starts(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Every start of the learner, oldest first: the step it started at and the checkpoint step it resumed
+    from (None: the initial model). A run resumed with the same run id appends to the same log."""
+    return [{"step": int(e["step"]), "resumed_from": e.get("resumed_from")}
+            for e in _learner_json(lines) if e.get("msg") == "learner started"]  # fmt: skip
 
 
 def _num(value: Any) -> float | None:
@@ -113,8 +125,14 @@ def build_summary(
     initial_eval: Mapping[str, Any] | None,
     timings: Mapping[str, float],
     dashboard_url: str | None = None,
+    starts: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The JSON summary of a run (see the module docstring for where each figure comes from)."""
+    """The JSON summary of a run (see the module docstring for where each figure comes from).
+
+    A resumed run (same run id) is reported as a whole: every step since the run began, `starts` (each
+    start of the learner) and `resumed_from` (the checkpoint step the latest start resumed from, null
+    for a fresh start); `timings_s` are of the latest `aisrl up` only.
+    """
     rows = per_step_rows(steps, batches)
     evaluations = eval_rows(evals, initial_eval)
     first, last = (evaluations[0], evaluations[-1]) if evaluations else (None, None)
@@ -127,6 +145,8 @@ def build_summary(
         "outcome": outcome,
         "error": error,
         "steps": {"target": settings.get("steps"), "reached": rows[-1]["step"] if rows else 0},
+        "resumed_from": starts[-1].get("resumed_from") if starts else None,
+        "starts": [dict(s) for s in starts],
         "accuracy": {
             "metric": "accuracy on the task's held-out split (share of answers with reward 1): greedy, and "
                       "sampled at the rollout temperature when eval_samples > 0",

@@ -7,7 +7,8 @@ own subprocesses), `stop_grace_s` to exit, then SIGKILL to its whole group. Desc
 snapshotted with psutil before the signal, so a grandchild that left the group or outlived its
 parent is found and stopped as well (SIGTERM, a short wait, SIGKILL). A child that exits on its own is an
 error naming it, its exit status and its last log lines, except the topology's main process (the
-learner) exiting with status 0, which is how the run finishes. Each child's stdout and stderr go to
+learner) exiting with status 0, which is how the run finishes, even while others are still starting
+(a resumed run whose learner had already reached its steps). Each child's stdout and stderr go to
 `<run_dir>/logs/<name>.log`.
 """
 
@@ -298,6 +299,8 @@ class Supervisor:
                 self.children[spec.name] = spawn(spec, self.run_dir, self.base_env)
                 self.on_state(spec.name, "starting")
             self._wait_ready([self.children[s.name] for s in wave])
+            if self._main_finished():
+                break  # nothing left to do: later waves are not started
         self.timings["start_s"] = time.monotonic() - t0
 
     def _wait_ready(self, children: Sequence[Child]) -> None:
@@ -306,6 +309,8 @@ class Supervisor:
         last_answer: dict[str, str] = {}
         with httpx.Client(timeout=2.0) as http:
             while pending and not self.stop_event.is_set():
+                if self._main_finished():
+                    return  # e.g. a resumed run already at its target steps: watch() reports it finished
                 for child in list(pending):
                     rc = child.process.poll()
                     if rc is not None:
@@ -331,6 +336,10 @@ class Supervisor:
                     )
                 if pending:
                     self.stop_event.wait(0.5)
+
+    def _main_finished(self) -> bool:
+        """The main process has exited with status 0 (its work is done; the rest need not become ready)."""
+        return any(c.spec.main and c.process.poll() == 0 for c in self.children.values())
 
     # ---------------------------------------------------------------- watch
 

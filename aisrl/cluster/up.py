@@ -24,7 +24,7 @@ from rich.live import Live
 from aisrl.cluster.baseline import cached_initial
 from aisrl.cluster.config import ClusterSettings
 from aisrl.cluster.progress import Poller, one_line, render
-from aisrl.cluster.report import build_summary, learner_events, write_report
+from aisrl.cluster.report import build_summary, learner_events, learner_starts, write_report
 from aisrl.cluster.supervisor import (
     ClusterError,
     Supervisor,
@@ -235,7 +235,7 @@ def _report(
     summary = build_summary(
         run_id=settings.run_id, outcome=outcome, error=error, settings=settings.model_dump(mode="json"),
         services={p.name: p.settings for p in topology.processes}, steps=steps, evals=evals, batches=batches,
-        initial_eval=initial, timings=timings, dashboard_url=topology.dashboard_url,
+        initial_eval=initial, timings=timings, dashboard_url=topology.dashboard_url, starts=learner_starts(lines),
     )  # fmt: skip
     paths = write_report(settings.run_dir, summary)
     log.info("report written", extra=log_fields(path=str(paths["summary"]), outcome=outcome))
@@ -248,6 +248,8 @@ def _print_result(console: Console, summary: dict[str, Any]) -> None:
     reached = summary["steps"]["reached"]
     console.print(f"[bold]{summary['outcome']}[/] after {reached} of {summary['steps']['target']} steps "
                   f"in {summary['timings_s'].get('total_s', 0):.0f} s")  # fmt: skip
+    if summary["resumed_from"] is not None:
+        console.print(f"resumed from the checkpoint of step {summary['resumed_from']} (the report covers every step)")
     if first and last and first.get("greedy") is not None and last.get("greedy") is not None:
         console.print(f"held-out greedy accuracy: step {first['step']}: {first['greedy']:.1%} -> "
                       f"step {last['step']}: {last['greedy']:.1%} ({acc['change']:+.1%})")  # fmt: skip

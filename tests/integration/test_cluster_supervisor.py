@@ -2,7 +2,7 @@
 
 Every test checks with psutil that no child or grandchild of what it started is left. The cluster
 runs on a random tiny model with the transformers rollout engine (`engine: hf`) so that it starts
-in seconds; the vLLM engine is exercised by `make demo` and tests/integration/test_vllm_engine.py.
+in seconds; `aisrl up` with vLLM rollouts (and a resumed run) is tests/integration/test_cluster_e2e.py.
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-import yaml
+from cluster_support import TreeWatcher, output, start_up, write_yaml  # tests/integration is on sys.path
 
 from aisrl.cluster.config import load_cluster_settings
 from aisrl.cluster.supervisor import ClusterError, Supervisor, spawn, stop_children
@@ -28,7 +26,6 @@ from aisrl.cluster.topology import ProcessSpec, Topology, build_topology, resolv
 from aisrl.redis_conn import free_port
 
 pytestmark = pytest.mark.slow
-AISRL = str(Path(sys.executable).parent / "aisrl")
 
 
 @pytest.fixture(scope="module")
@@ -48,51 +45,7 @@ def cluster_yaml(tmp_path: Path, model: Path, steps: int, **extra) -> Path:
             "rollout": {"engine": "hf", "batch_size": 2, "catch_up_timeout_s": 0},
         },
     } | extra  # fmt: skip
-    path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def start_up(config: Path, run_id: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AISRL_")}
-    return subprocess.Popen([AISRL, "up", "--config", str(config), "--run-id", run_id], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-
-
-class TreeWatcher:
-    """Records every descendant of a process while it runs (so the check covers short-lived ones too)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.seen: dict[int, psutil.Process] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                for proc in psutil.Process(self.pid).children(recursive=True):
-                    self.seen.setdefault(proc.pid, proc)
-            except psutil.NoSuchProcess:
-                return
-            self._stop.wait(0.2)
-
-    def survivors(self) -> list[str]:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        alive = []
-        for proc in self.seen.values():
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
-            except psutil.NoSuchProcess:
-                pass
-        return alive
-
-
-def output(proc: subprocess.Popen) -> str:
-    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    return write_yaml(tmp_path / "cluster.yaml", config)
 
 
 def test_up_trains_to_steps_then_stops_everything_and_writes_the_report(tmp_path, tiny_model):
@@ -174,6 +127,25 @@ def test_a_child_that_crashes_at_start_is_named_and_nothing_is_left(tmp_path, re
     assert not supervisor.children
     leftovers = [s for s in watcher.survivors() if "redis-server" not in s]  # the session's Redis fixture
     assert leftovers == []
+
+
+def test_a_main_process_that_finishes_while_others_start_ends_the_run_as_finished(tmp_path):
+    # What a resumed run already at its target steps does: the learner exits 0 before the rollouts are ready.
+    def spec(name: str, code: str, main: bool = False) -> ProcessSpec:
+        return ProcessSpec(name=name, service="test", argv=(sys.executable, "-c", code), env={}, settings={},
+                           http_url=f"http://127.0.0.1:{free_port()}", main=main)  # fmt: skip
+
+    main, slow = spec("main", "print('nothing left to do')", main=True), spec("slow", "import time; time.sleep(600)")
+    topology = Topology(run_id="t", redis_url="", processes=(main, slow), dashboard_url="", learner_metrics_url="",
+                        diagnostics_url="")  # fmt: skip
+    supervisor = Supervisor(topology, tmp_path, health_timeout_s=120, stop_grace_s=5)
+    started = time.monotonic()
+    with supervisor:
+        supervisor.start()  # returns once main has exited 0 (slow never becomes ready)
+        assert supervisor.watch(poll_s=0.1).reason == "finished"
+    assert time.monotonic() - started < 60
+    assert not supervisor.children and {r.name for r in supervisor.stopped} == {"main", "slow"}
+    assert not any(r.killed for r in supervisor.stopped)
 
 
 STUBBORN = """

@@ -8,7 +8,7 @@ import logging
 import math
 
 from aisrl.cluster.progress import parse_metrics, render, snapshot_from
-from aisrl.cluster.report import build_summary, learner_events, per_step_rows, write_report
+from aisrl.cluster.report import build_summary, learner_events, learner_starts, per_step_rows, write_report
 from aisrl.logs import _Formatter, log_fields
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,6 +49,27 @@ def test_learner_events_parse_the_real_log_format():
     assert [e["step"] for e in steps] == list(range(1, 11))
     assert [e["step"] for e in evals] == [5, 10]
     assert steps[0]["reward"] == 0.22 and steps[1]["local"] is True
+
+
+def test_a_resumed_run_is_reported_whole_and_says_where_it_resumed():
+    # `aisrl up` twice with one run id appends to one learner log: steps 1..3, then a start that resumed
+    # from the checkpoint of step 2 and redid step 3 (its latest record counts) before step 4.
+    def event(msg: str, step: int, **fields) -> str:
+        return json.dumps({"ts": 1.0, "level": "info", "logger": "aisrl.learner", "msg": msg, "step": step, **fields})
+
+    lines = [event("learner started", 0, resumed_from=None), *learner_log(3, 100),
+             event("learner started", 2, resumed_from=2), event("step", 3, reward=0.9),
+             event("step", 4, reward=0.5)]  # fmt: skip
+    steps, _ = learner_events(lines)
+    assert [e["step"] for e in steps] == [1, 2, 3, 4] and steps[2]["reward"] == 0.9
+    starts = learner_starts(lines)
+    assert starts == [{"step": 0, "resumed_from": None}, {"step": 2, "resumed_from": 2}]
+    common = {"run_id": "r", "outcome": "finished", "error": None, "settings": {"steps": 4}, "services": {},
+              "steps": steps, "evals": [], "batches": [], "initial_eval": None, "timings": {}}  # fmt: skip
+    summary = build_summary(**common, starts=starts)
+    assert summary["resumed_from"] == 2 and summary["starts"] == starts
+    assert summary["steps"]["reached"] == 4 and [r["step"] for r in summary["per_step"]] == [1, 2, 3, 4]
+    assert build_summary(**common, starts=starts[:1])["resumed_from"] is None
 
 
 def test_rows_join_diagnostics_and_keep_missing_as_null():
