@@ -120,6 +120,19 @@ def train_config(settings: LearnerSettings) -> TrainConfig:
     )  # fmt: skip
 
 
+def load_trainer(model_dir: Path, settings: LearnerSettings) -> tuple[Trainer, Any]:
+    """The trainer (float32 master weights of model_dir, the settings' optimizer) and the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from aisrl.models.tiny import load_model
+
+    torch.manual_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    model = load_model(model_dir, dtype=torch.float32)
+    return Trainer(model, train_config(settings), pad_id=pad_id), tokenizer
+
+
 class Learner:
     """One learner process's state and wiring. `start`, then `run` (or `step_once`), then `close`."""
 
@@ -208,15 +221,7 @@ class Learner:
             next_problem=self.feeder.next_index, model=str(self.model_dir)))  # fmt: skip
 
     def _load_model(self) -> tuple[Trainer, Any]:
-        from transformers import AutoTokenizer
-
-        from aisrl.models.tiny import load_model
-
-        torch.manual_seed(self.settings.seed)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        model = load_model(self.model_dir, dtype=torch.float32)
-        return Trainer(model, train_config(self.settings), pad_id=pad_id), tokenizer
+        return load_trainer(self.model_dir, self.settings)
 
     def _make_evaluator(self) -> Evaluator:
         s = self.settings
