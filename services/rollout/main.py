@@ -5,6 +5,11 @@ or SIGINT stops reading; the current batch finishes within `shutdown_grace_s`, o
 a second signal) it is cancelled and its jobs are released, never acknowledged unwritten. The
 engine is created, used and closed on one thread; everything this process started (engine,
 HTTP server, embedded Redis, temporary work directory) is stopped on the way out, crash or not.
+A stop while the engine is still loading is honoured at once: the load, which cannot be
+interrupted, is abandoned (EngineLoad) and `aisrl rollout` stops its child processes and exits 0
+without waiting for it. On the way out the weights follower is cancelled until it stops (a
+dropped cancellation is retried, for BACKGROUND_STOP_S at most), in-flight HTTP requests get
+HTTP_SHUTDOWN_S, and closing the engine waits for an engine call still running (one batch).
 """
 
 from __future__ import annotations
@@ -12,14 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 
@@ -36,6 +45,8 @@ from aisrl.streams import RunStreams, ensure_group
 log = logging.getLogger("aisrl.rollout")
 
 EngineFactory = Callable[[Path, Path], RolloutEngine]  # (model_dir, work_dir) -> engine
+HTTP_SHUTDOWN_S = 5.0  # longest wait for in-flight HTTP requests on the way out
+BACKGROUND_STOP_S = 10.0  # longest wait for the weights follower to stop
 
 
 async def start_http(app: Any, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task, int]:
@@ -43,8 +54,14 @@ async def start_http(app: Any, host: str, port: int) -> tuple[uvicorn.Server, as
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
-    server.install_signal_handlers = lambda: None  # the caller owns signals
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=HTTP_SHUTDOWN_S
+    )
+    server = uvicorn.Server(config)
+    # The caller owns signals. uvicorn >= 0.29 swaps in its own SIGINT/SIGTERM handlers while it serves (and
+    # raises the signals again when it stops): a signal would stop the HTTP server and reach the caller twice.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # the same for older uvicorn
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -80,6 +97,61 @@ def resolve_model_dir(settings: RolloutSettings, work_dir: Path) -> Path:
     return init_model_dir(work_dir / "tiny-model", seed=settings.seed)
 
 
+class EngineLoad:
+    """The engine's start-up (model directory, then the factory) as one call on the engine thread, abandonable.
+
+    Neither step can be interrupted (vLLM on the CPU takes 15-40 s), so a stop during start-up abandons the load
+    instead of waiting for it: an engine made after `abandon()` is closed right away, on the thread that made it,
+    and never handed over. The load's child processes (vLLM's engine core) are the process entry point's to stop
+    (`exit_abandoning_load`) when it cannot wait for the load to end.
+    """
+
+    def __init__(self, settings: RolloutSettings, work_dir: Path, factory: EngineFactory) -> None:
+        self.settings = settings
+        self.work_dir = work_dir
+        self.factory = factory
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._handed_over = False
+
+    def __call__(self) -> tuple[Path, RolloutEngine] | None:
+        model_dir = resolve_model_dir(self.settings, self.work_dir)
+        if self.abandoned:
+            return None
+        engine = self.factory(model_dir, self.work_dir)
+        with self._lock:
+            self._handed_over = not self._abandoned
+        if self._handed_over:
+            return model_dir, engine
+        engine.close()
+        log.info("engine load finished after a stop: engine closed", extra=log_fields(model=str(model_dir)))
+        return None
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+    def abandon(self) -> bool:
+        """True when the load was still running (it is abandoned); False when its engine is already handed over."""
+        with self._lock:
+            self._abandoned = not self._handed_over
+            return self._abandoned
+
+
+async def start_engine(load: EngineLoad, executor: Executor, stop: asyncio.Event) -> tuple[Path, RolloutEngine] | None:
+    """Runs `load` on the engine thread; None when stop is set first (the load is then abandoned, not waited for)."""
+    future = asyncio.wrap_future(executor.submit(load))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({future, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if future.done() or not load.abandon():  # finished, or handed over just now: the result is on its way
+        return await future
+    future.cancel()  # nobody will read the result (and a closed loop is never called back)
+    return None
+
+
 async def serve(
     settings: RolloutSettings,
     redis_url: str,
@@ -90,8 +162,13 @@ async def serve(
     stop: asyncio.Event | None = None,
     install_signals: bool = True,
     on_http_port: Callable[[int], None] | None = None,
-) -> None:
-    """Runs the replica until stop is set (or a signal arrives); see the module invariants."""
+) -> bool:
+    """Runs the replica until stop is set (or a signal arrives); see the module invariants.
+
+    Returns True once everything it started has stopped. Returns False after a stop during start-up that left
+    the engine load running on the engine thread (it cannot be interrupted; see EngineLoad): a process entry
+    point then ends with `exit_abandoning_load()` rather than waiting for that thread, as `run` does.
+    """
     stop = stop or asyncio.Event()
     if tasks is None or parse_problem is None:
         tasks, parse_problem = default_tasks()
@@ -103,12 +180,11 @@ async def serve(
     state = RolloutState(client, metrics, settings.run_id, settings.worker_id)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     loop = asyncio.get_running_loop()
+    load = EngineLoad(settings, work_dir, engine_factory or default_engine_factory(settings))
     engine: RolloutEngine | None = None
     background: list[asyncio.Task] = []
-    server, http_task, port = await start_http(create_app(state), settings.http_host, settings.http_port)
-    print(f"rollout: HTTP http://{settings.http_host}:{port}  (/healthz /readyz /metrics)", flush=True)
-    if on_http_port:
-        on_http_port(port)
+    server: uvicorn.Server | None = None
+    http_task: asyncio.Task | None = None
     worker_task: asyncio.Task | None = None
     signals = (signal.SIGINT, signal.SIGTERM) if install_signals else ()
 
@@ -117,14 +193,21 @@ async def serve(
             worker_task.cancel()  # second signal: do not wait for the batch
         stop.set()
 
-    for sig in signals:
+    for sig in signals:  # before anything slow: a stop during start-up is honoured at once
         loop.add_signal_handler(sig, on_signal)
     try:
+        server, http_task, port = await start_http(create_app(state), settings.http_host, settings.http_port)
+        print(f"rollout: HTTP http://{settings.http_host}:{port}  (/healthz /readyz /metrics)", flush=True)
+        if on_http_port:
+            on_http_port(port)
         run_streams = RunStreams(settings.run_id, settings.key_prefix)
         await ensure_group(client, run_streams.prompts, settings.consumer_group)
-        model_dir = await loop.run_in_executor(executor, resolve_model_dir, settings, work_dir)
-        factory = engine_factory or default_engine_factory(settings)
-        engine = await loop.run_in_executor(executor, factory, model_dir, work_dir)
+        started = await start_engine(load, executor, stop) if not stop.is_set() else None
+        if started is None:
+            log.info("stopped during start-up", extra=log_fields(worker=settings.worker_id,
+                                                                 engine_load_abandoned=load.abandoned))  # fmt: skip
+            return not load.abandoned
+        model_dir, engine = started
         state.set_engine_loaded(True)
         follower = WeightsFollower(
             client, run_streams, base_model_dir=model_dir, out_dir=work_dir / "weights",
@@ -144,25 +227,40 @@ async def serve(
             await _catch_up(follower, settings.catch_up_timeout_s, stop)
         worker_task = asyncio.create_task(worker.run(stop))
         await _run_until_stopped(worker_task, stop, settings.shutdown_grace_s)
+        return True
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel_and_wait(background, BACKGROUND_STOP_S)
         state.set_engine_loaded(False)
         if engine is not None:
             await loop.run_in_executor(executor, engine.close)
-        executor.shutdown(wait=True)
-        server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await http_task
+        # An abandoned load still runs on the engine thread: never wait for it (it closes its own engine).
+        executor.shutdown(wait=not load.abandoned, cancel_futures=True)
+        if server is not None and http_task is not None:
+            server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await http_task
         await client.aclose()
         if owns_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
         log.info("rollout stopped", extra=log_fields(worker=settings.worker_id))
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task], timeout_s: float) -> None:
+    """Cancels the tasks and waits for them, cancelling again while one keeps running (a dropped cancellation,
+    see weights_client.raise_if_cancelled), for at most timeout_s; a task that crashed has its error logged."""
+    pending = {task for task in tasks if not task.done()}
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+    for task in pending:
+        log.error("background task still running after being cancelled", extra=log_fields(task=repr(task)))
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", extra=log_fields(task=task.get_name(), error=repr(task.exception())))
 
 
 async def _catch_up(follower: WeightsFollower, timeout_s: float, stop: asyncio.Event) -> None:
@@ -196,12 +294,47 @@ async def _run_until_stopped(worker_task: asyncio.Task, stop: asyncio.Event, gra
         stopper.cancel()
 
 
+def exit_abandoning_load(status: int = 0, grace_s: float = 2.0) -> NoReturn:
+    """Ends this process without waiting for an abandoned engine load (see EngineLoad).
+
+    Python would wait for the engine thread at exit, and what it is doing cannot be interrupted. So every process
+    this one still has below it is the load's (vLLM's engine core, which defers SIGTERM while it starts): it
+    gets SIGTERM, SIGKILL after grace_s, and the process exits with os._exit once output is flushed. Call it after
+    everything else this process started has stopped (e.g. the embedded Redis).
+    """
+    import psutil
+
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for _ in range(3):  # the load may have started another one meanwhile
+        alive += [p for p in me.children(recursive=True) if p not in alive]
+        if not alive:
+            break
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    if alive:
+        log.error("processes of the abandoned engine load did not stop", extra=log_fields(pids=[p.pid for p in alive]))
+    log.info("exiting without waiting for the abandoned engine load", extra=log_fields(stopped=len(children)))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def run(settings: RolloutSettings) -> None:
     """Entry point of `aisrl rollout`."""
     configure_logging(settings.log_level, settings.log_json)
     if settings.redis_url:
-        asyncio.run(serve(settings, settings.redis_url))
-        return
-    with start_embedded_redis() as redis_server:
-        print(f"rollout: embedded Redis at {redis_server.url} (set AISRL_REDIS_URL to share one)", flush=True)
-        asyncio.run(serve(settings, redis_server.url))
+        finished = asyncio.run(serve(settings, settings.redis_url))
+    else:
+        with start_embedded_redis() as redis_server:
+            print(f"rollout: embedded Redis at {redis_server.url} (set AISRL_REDIS_URL to share one)", flush=True)
+            finished = asyncio.run(serve(settings, redis_server.url))
+    if not finished:
+        exit_abandoning_load(0)  # a requested stop: status 0

@@ -10,6 +10,7 @@ Invariants:
   arrives during a backoff is fetched next, the stale one is dropped.
 - Every fetch has a deadline (the whole gRPC stream), so a stuck server never wedges a replica.
 - A replica that starts late catches up: the newest notice already on the stream is its first target.
+- The follower stops when cancelled, also when a library dropped the CancelledError (`raise_if_cancelled`).
 - The directory of the version the engine runs is kept until a newer one is loaded: a reload that
   breaks the engine is undone by loading it again (worker.py).
 """
@@ -131,6 +132,18 @@ async def fetch_weights(
     return assembler.finish()
 
 
+def raise_if_cancelled() -> None:
+    """Raises CancelledError when the current task was cancelled but never received the CancelledError.
+
+    Python 3.11's `asyncio.wait_for` returns its result and drops the cancellation when the cancellation lands in
+    the loop iteration the awaited operation completes in (fixed in 3.12), and redis-py sends every command
+    through it: a loop that runs until cancelled checks this every round, or it may never stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class WeightsFollower:
     """Background task (`run`) plus the worker's side (`take_ready`, `loaded`, `reload_failed`, the waits)."""
 
@@ -217,6 +230,7 @@ class WeightsFollower:
         """Re-checks `done` whenever the follower's state changes, until it holds (True) or timeout_s passes."""
         deadline = time.monotonic() + timeout_s
         while not done():
+            raise_if_cancelled()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -228,11 +242,12 @@ class WeightsFollower:
     # -- the background task
 
     async def run(self) -> None:
-        """Watches notices and fetches newer versions until cancelled."""
+        """Watches notices and fetches newer versions until cancelled (also when the cancellation was dropped)."""
         last_id = await self._start_position()
         self._started.set()
         self._changed.set()
         while True:
+            raise_if_cancelled()
             if self.behind() and time.monotonic() >= self._retry_at:
                 await self._fetch(self.target)
             wait_s = max(0.001, self._retry_at - time.monotonic()) if self.behind() else _IDLE_POLL_MS / 1000

@@ -7,13 +7,15 @@ vLLM engine runs in test_rollout_worker.py::test_worker_with_real_vllm_engine. T
 is a stand-in with the `aisrl.tasks` interface (Problem, problem_from_json, get_task, verify).
 
 `python rollout_support.py SETTINGS_JSON ENGINE_JSON` runs `aisrl.services.rollout.main.serve`
-with the fake engine, for the kill and SIGTERM drills.
+with the fake engine, for the kill and SIGTERM drills (engine options `load_gate_file` and
+`load_spawns_child` make its start-up slow, for the drills of a stop during start-up).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -254,17 +256,31 @@ def write_base_model(path: Path) -> Path:
 def _main() -> None:
     from aisrl.logs import configure_logging
     from aisrl.services.rollout.config import RolloutSettings
-    from aisrl.services.rollout.main import serve
+    from aisrl.services.rollout.main import exit_abandoning_load, serve
 
     settings = RolloutSettings(**json.loads(sys.argv[1]))
     engine_options = json.loads(sys.argv[2])
+    # A slow start-up: the load waits for this file (and first starts a child process, as vLLM its engine core).
+    load_gate_file = engine_options.pop("load_gate_file", None)
+    load_spawns_child = engine_options.pop("load_spawns_child", False)
     configure_logging("INFO")
     model_dir = write_base_model(Path(settings.work_dir) / "base")
     settings = settings.model_copy(update={"model_path": str(model_dir)})
-    asyncio.run(
-        serve(settings, settings.redis_url, engine_factory=lambda _m, _w: FakeEngine(**engine_options),
-              tasks=get_echo_task, parse_problem=parse_echo_problem)
+
+    def engine_factory(_model_dir: Path, _work_dir: Path) -> FakeEngine:
+        if load_spawns_child:
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            print(f"LOADING {child.pid}", flush=True)
+        while load_gate_file and not Path(load_gate_file).exists():
+            time.sleep(0.01)
+        return FakeEngine(**engine_options)
+
+    finished = asyncio.run(
+        serve(settings, settings.redis_url, engine_factory=engine_factory, tasks=get_echo_task,
+              parse_problem=parse_echo_problem)
     )  # fmt: skip
+    if not finished:  # stopped during start-up, as `aisrl rollout` (main.run) ends then
+        exit_abandoning_load(0)
 
 
 if __name__ == "__main__":
