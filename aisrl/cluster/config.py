@@ -141,7 +141,7 @@ class ClusterSettings(BaseSettings):
         "the whole run.",
     )
     steps: int = Field(
-        40,
+        100,
         ge=1,
         le=10_000_000,
         description="Stop the cluster once the learner has taken this many steps in all (a resumed run counts the "
