@@ -78,8 +78,8 @@ def cluster_config(args: argparse.Namespace, model_dir: Path, out_dir: Path) -> 
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     learner = config["services"]["learner"]
     learner.update(batch_size=args.batch, group_size=args.group, max_tokens=args.tokens, eval_every=0)
-    if args.in_process:
-        config["services"]["rollout"]["in_process"] = True
+    if args.in_process is not None:
+        config["services"]["rollout"]["in_process"] = args.in_process
     config.update(
         steps=args.steps, replicas=args.replicas, model_dir=str(model_dir), out_dir=str(out_dir),
         baseline_eval=False, poll_s=1.0, threads={"learner": args.threads, "rollout": args.threads},
@@ -292,7 +292,12 @@ def main(argv: list[str] | None = None) -> None:
         help="'demo' (the warm-started runs/models/countdown-tiny), 'tiny' (a random tiny model made here), "
         "a checkpoint directory, or 'auto': demo when it exists, else tiny",
     )
-    parser.add_argument("--in-process", action="store_true", help="rollout setting in_process (no engine process)")
+    parser.add_argument(
+        "--in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rollout setting in_process: vLLM's engine core in the worker (default: deploy/cluster.yaml's)",
+    )
     parser.add_argument("--only", choices=("both", "cluster", "sync"), default="both")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for `aisrl up`")
     args = parser.parse_args(argv or [])  # `python -m bench` calls main() with no arguments
@@ -318,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{config['task']}, {args.batch} prompts x G={args.group} x <= {args.tokens} tokens per step, "
               f"{args.steps} steps, model {model_label}; learner {learner.get('compute_dtype', 'bfloat16')} "
               f"{learner['correction_mode']}, max_staleness {learner['max_staleness']}; rollout "
-              f"{rollout['engine']} {rollout['precision']}{' in process' if args.in_process else ''}, "
+              f"{rollout['engine']} {rollout['precision']}, "
+              f"{'in process' if rollout.get('in_process') else 'engine process'}, "
               f"{rollout['batch_size']} jobs per engine call; "
               f"{args.threads} thread(s) per process, {os.cpu_count()} CPUs]",
               flush=True)  # fmt: skip

@@ -137,8 +137,8 @@ def measure(replicas: int, redis_url: str, model_dir: Path, tmp: Path, args: arg
     from aisrl.v1 import rollout_pb2
 
     rollout = yaml.safe_load(CLUSTER_YAML.read_text())["services"]["rollout"] | {"engine": "vllm", "precision": "fp8"}
-    if args.in_process:
-        rollout["in_process"] = True
+    if args.in_process is not None:
+        rollout["in_process"] = args.in_process
     run_id = f"replicas-{replicas}"
     run_streams = streams.RunStreams(run_id)
     _, source = default_task(LearnerSettings(run_id=run_id, task=args.task))
@@ -167,6 +167,7 @@ def measure(replicas: int, redis_url: str, model_dir: Path, tmp: Path, args: arg
         client.close()
     median = sorted(rounds, key=lambda r: r["tokens"] / r["seconds"])[len(rounds) // 2]
     return median | {"replicas": replicas, "ready_s": ready_s, "left": left, "engine_batch": rollout["batch_size"],
+                     "in_process": bool(rollout.get("in_process")),
                      "rates": [r["tokens"] / r["seconds"] for r in rounds]}  # fmt: skip
 
 
@@ -174,7 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=256, help="prompt jobs (groups) per timed round")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per replica count (the median is shown)")
-    parser.add_argument("--in-process", action="store_true", help="rollout setting in_process (no engine process)")
+    parser.add_argument(
+        "--in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rollout setting in_process: vLLM's engine core in the worker (default: deploy/cluster.yaml's)",
+    )
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--tokens", type=int, default=24, help="max tokens per completion")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per rollout process")
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
             r = measure(replicas, redis.url, model_dir, tmp, args)
             if not results:
                 print(f"[{args.task}, {args.jobs} jobs x G={args.group} x <= {args.tokens} tokens, model {label}; "
-                      f"vllm fp8{' in process' if args.in_process else ''}, engine batch {r['engine_batch']} jobs, "
+                      f"vllm fp8, {'in process' if r['in_process'] else 'engine process'}, "
+                      f"engine batch {r['engine_batch']} jobs, "
                       f"{args.threads} OpenMP thread(s) per replica, {os.cpu_count()} CPUs; median of "
                       f"{args.rounds} rounds]")  # fmt: skip
             results.append(r)
