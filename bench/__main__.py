@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
         return 2
     for name in chosen:
         print(f"== bench_{name}", flush=True)
+        sys.argv = [f"bench_{name}"]  # each benchmark parses sys.argv: run it on its own defaults
         importlib.import_module(f"{__package__ or 'bench'}.bench_{name}").main()
         print(flush=True)
     return 0

@@ -8,11 +8,17 @@ import math
 import pytest
 
 from bench.__main__ import available
+from bench.__main__ import main as run_benchmarks
 from bench.bench_cluster import cluster_config, rollout_usage, steady_rate
 
 
 def test_every_benchmark_module_is_discovered():
     assert {"ais", "cluster", "diagnostics", "learner", "replicas", "rollout"} <= set(available())
+
+
+def test_an_unknown_benchmark_is_refused_with_the_list(capsys):
+    assert run_benchmarks(["nope"]) == 2
+    assert "unknown benchmark(s) nope; available: ais, " in capsys.readouterr().err
 
 
 def test_steady_rate_excludes_the_first_step():
