@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 from dataclasses import dataclass
 
 import uvicorn
 
+from aisrl.http_server import start_http
 from aisrl.logs import configure_logging, log_fields
 from aisrl.redis_conn import start_embedded_redis
 from aisrl.services.diagnostics.app import create_app
@@ -49,20 +49,9 @@ class RunningDiagnostics:
 
 async def start_diagnostics(settings: DiagnosticsSettings, redis_url: str) -> RunningDiagnostics:
     """Starts both servers in the running loop and returns once they accept connections."""
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.http_host, settings.http_port))
     app = create_app(settings, redis_url)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # the caller owns signals
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()  # re-raises the start-up failure
-            raise RuntimeError("diagnostics HTTP server stopped during start-up")
-        await asyncio.sleep(0.02)
-    return RunningDiagnostics(sock.getsockname()[1], app.state.grpc_port, server, task)
+    server, task, http_port = await start_http(app, settings.http_host, settings.http_port, lifespan="on")
+    return RunningDiagnostics(http_port, app.state.grpc_port, server, task)
 
 
 async def serve(settings: DiagnosticsSettings, redis_url: str) -> None:

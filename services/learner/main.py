@@ -14,12 +14,12 @@ import logging
 import signal
 from collections.abc import Callable
 
+from aisrl.http_server import start_http
 from aisrl.logs import configure_logging, log_fields
 from aisrl.redis_conn import start_embedded_redis
 from aisrl.services.learner.app import create_app
 from aisrl.services.learner.config import LearnerSettings
 from aisrl.services.learner.learner import Learner
-from aisrl.services.rollout.main import start_http  # the same small uvicorn helper
 
 log = logging.getLogger("aisrl.learner")
 

@@ -9,7 +9,8 @@ A stop while the engine is still loading is honoured at once: the load, which ca
 interrupted, is abandoned (EngineLoad) and `aisrl rollout` stops its child processes and exits 0
 without waiting for it. On the way out the weights follower is cancelled until it stops (a
 dropped cancellation is retried, for BACKGROUND_STOP_S at most), in-flight HTTP requests get
-HTTP_SHUTDOWN_S, and closing the engine waits for an engine call still running (one batch).
+a few seconds (aisrl.http_server), and closing the engine waits for an engine call still running
+(one batch).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -28,10 +28,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import uvicorn
 
+from aisrl.http_server import start_http
 from aisrl.logs import configure_logging, log_fields
 from aisrl.redis_conn import async_client, start_embedded_redis
 from aisrl.services.rollout.app import RolloutState, create_app
@@ -45,30 +46,7 @@ from aisrl.streams import RunStreams, ensure_group
 log = logging.getLogger("aisrl.rollout")
 
 EngineFactory = Callable[[Path, Path], RolloutEngine]  # (model_dir, work_dir) -> engine
-HTTP_SHUTDOWN_S = 5.0  # longest wait for in-flight HTTP requests on the way out
 BACKGROUND_STOP_S = 10.0  # longest wait for the weights follower to stop
-
-
-async def start_http(app: Any, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task, int]:
-    """Serves app with uvicorn in the running loop; returns once it accepts connections."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=HTTP_SHUTDOWN_S
-    )
-    server = uvicorn.Server(config)
-    # The caller owns signals. uvicorn >= 0.29 swaps in its own SIGINT/SIGTERM handlers while it serves (and
-    # raises the signals again when it stops): a signal would stop the HTTP server and reach the caller twice.
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-    server.install_signal_handlers = lambda: None  # the same for older uvicorn
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("rollout HTTP server stopped during start-up")
-        await asyncio.sleep(0.02)
-    return server, task, sock.getsockname()[1]
 
 
 def default_engine_factory(settings: RolloutSettings) -> EngineFactory:
