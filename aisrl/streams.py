@@ -32,7 +32,8 @@ from aisrl.v1 import rollout_pb2
 
 PAYLOAD_FIELD = b"pb"
 DEFAULT_PREFIX = "aisrl"
-_RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+RUN_ID_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"  # also the settings' run_id pattern: every run id is a valid key part
+_RUN_ID = re.compile(RUN_ID_PATTERN)
 # Upper bound on counting entries one by one (Redis < 7 has no lag in XINFO GROUPS).
 DEFAULT_COUNT_CAP = 100_000
 

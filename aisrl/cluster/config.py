@@ -22,6 +22,7 @@ from aisrl.models.config import WarmStartSettings
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 from aisrl.services.learner.config import LearnerSettings
 from aisrl.services.rollout.config import RolloutSettings
+from aisrl.streams import RUN_ID_PATTERN
 
 SERVICE_SETTINGS: dict[str, type[BaseSettings]] = {
     "diagnostics": DiagnosticsSettings,
@@ -134,7 +135,7 @@ class ClusterSettings(BaseSettings):
 
     run_id: str = Field(
         default_factory=default_run_id,
-        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        pattern=RUN_ID_PATTERN,
         description="Run name (default: run-<date>-<time>). Reusing one resumes that run: the learner from its "
         "newest checkpoint in <out_dir>/<run_id>/learner, the rollouts rejoin the run's Redis streams and consumer "
         "groups (keep the same Redis: redis_url, or the embedded one's AOF in the run directory); the report covers "

@@ -16,7 +16,7 @@ from pydantic_settings import SettingsConfigDict
 
 from aisrl.core.types import CorrectionConfig, CorrectionMode, WeightLevel
 from aisrl.settings import CommonSettings, json_object_option
-from aisrl.streams import DEFAULT_PREFIX
+from aisrl.streams import DEFAULT_PREFIX, RUN_ID_PATTERN
 
 _CORR = CorrectionConfig.model_fields
 
@@ -31,9 +31,7 @@ class LearnerSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="AISRL_LEARNER_")
 
     # -- run, model, task
-    run_id: str = Field(
-        "default", pattern=r"^[A-Za-z0-9._-]{1,200}$", description="Run whose streams this learner owns."
-    )
+    run_id: str = Field("default", pattern=RUN_ID_PATTERN, description="Run whose streams this learner owns.")
     key_prefix: str = Field(DEFAULT_PREFIX, min_length=1, description="Prefix of the run's Redis stream keys.")
     model_path: str | None = Field(
         None,

@@ -18,7 +18,7 @@ from pydantic_settings import SettingsConfigDict
 
 from aisrl.services.rollout.engine import EngineConfig, Fp8Granularity, Precision
 from aisrl.settings import CommonSettings
-from aisrl.streams import DEFAULT_PREFIX
+from aisrl.streams import DEFAULT_PREFIX, RUN_ID_PATTERN
 
 _ENGINE = EngineConfig.model_fields
 
@@ -33,9 +33,7 @@ class RolloutSettings(CommonSettings):
 
     model_config = SettingsConfigDict(env_prefix="AISRL_ROLLOUT_")
 
-    run_id: str = Field(
-        "default", pattern=r"^[A-Za-z0-9._-]{1,200}$", description="Run whose streams this worker serves."
-    )
+    run_id: str = Field("default", pattern=RUN_ID_PATTERN, description="Run whose streams this worker serves.")
     key_prefix: str = Field(DEFAULT_PREFIX, min_length=1, description="Prefix of the run's Redis stream keys.")
     model_path: str | None = Field(
         None,
