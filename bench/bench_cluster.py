@@ -45,8 +45,8 @@ from typing import Any
 
 import yaml
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "runs" / "models" / "countdown-tiny"
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "deploy" / "cluster.yaml"
+from bench.common import CLUSTER_YAML, add_model_options, resolve_model
+
 CLUSTER_PHASES = (
     ("wait", "waiting for data"),
     ("prepare", "lp_pi recompute (+ advantages, packing)"),
@@ -181,6 +181,7 @@ def run_sync(config: dict[str, Any], model_dir: Path, tmp: Path, threads: int) -
     import torch
 
     from aisrl import streams
+    from aisrl.cluster.topology import thread_env
     from aisrl.core.ais import compute_coefficient
     from aisrl.services.learner.config import LearnerSettings
     from aisrl.services.learner.feeder import JobSpec, make_job
@@ -215,9 +216,8 @@ def run_sync(config: dict[str, Any], model_dir: Path, tmp: Path, threads: int) -
     model_config = trainer.model.config
     vocab, max_len = getattr(model_config, "vocab_size", None), getattr(model_config, "max_position_embeddings", None)
     # What aisrl/cluster/topology.py gives each rollout process; the spawned engine process inherits it.
-    engine_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                  "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                  "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}  # fmt: skip
+    engine_env = thread_env("rollout", threads)
+    engine_env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
     with _environ(engine_env):
         engine = create_engine(rs.engine, model_dir, rs.engine_config(tmp / "sync-engine"))
     ends, tokens, phases, rewards, alphas = [], [], [], [], []
@@ -286,18 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--tokens", type=int, default=24, help="max tokens per completion")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process (torch / OpenMP)")
-    parser.add_argument(
-        "--model",
-        default="auto",
-        help="'demo' (the warm-started runs/models/countdown-tiny), 'tiny' (a random tiny model made here), "
-        "a checkpoint directory, or 'auto': demo when it exists, else tiny",
-    )
-    parser.add_argument(
-        "--in-process",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="rollout setting in_process: vLLM's engine core in the worker (default: deploy/cluster.yaml's)",
-    )
+    add_model_options(parser)
     parser.add_argument("--only", choices=("both", "cluster", "sync"), default="both")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed for `aisrl up`")
     args = parser.parse_args(argv or [])  # `python -m bench` calls main() with no arguments
@@ -309,15 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("aisrl").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="aisrl-bench-") as name:
         tmp = Path(name)
-        if args.model == "auto":
-            args.model = "demo" if (DEMO_MODEL / "config.json").is_file() else "tiny"
-        if args.model == "tiny":
-            from aisrl.models.tiny import init_model_dir
-
-            model_dir, model_label = init_model_dir(tmp / "tiny", seed=0), "random tiny model"
-        else:
-            model_dir = DEMO_MODEL if args.model == "demo" else Path(args.model)
-            model_label = str(model_dir)
+        model_dir, model_label = resolve_model(args.model, tmp)
         config = cluster_config(args, model_dir, tmp / "runs")
         learner, rollout = config["services"]["learner"], config["services"]["rollout"]
         print(f"[{config['task']}, {args.batch} prompts x G={args.group} x <= {args.tokens} tokens per step, "

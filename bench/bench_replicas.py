@@ -31,13 +31,12 @@ from typing import Any
 
 import yaml
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "runs" / "models" / "countdown-tiny"
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "deploy" / "cluster.yaml"
+from bench.common import CLUSTER_YAML, add_model_options, resolve_model
 
 
 def _start_worker(index: int, run_id: str, redis_url: str, model_dir: Path, tmp: Path, args: argparse.Namespace,
                   rollout: dict[str, Any]) -> tuple[subprocess.Popen, str, Path]:  # fmt: skip
-    from aisrl.cluster.topology import settings_env
+    from aisrl.cluster.topology import settings_env, thread_env
     from aisrl.redis_conn import free_port
     from aisrl.services.rollout.config import RolloutSettings
 
@@ -49,9 +48,7 @@ def _start_worker(index: int, run_id: str, redis_url: str, model_dir: Path, tmp:
     }  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("AISRL_")}
     env |= settings_env(RolloutSettings, values)
-    # The environment aisrl/cluster/topology.py gives a rollout process for `threads: {rollout: N}`.
-    threads = str(args.threads)
-    env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    env |= thread_env("rollout", args.threads)  # what `threads: {rollout: N}` gives a rollout process
     log = tmp / f"{run_id}-{index}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "aisrl"), "rollout"], env=env, stdout=out,
@@ -175,23 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=256, help="prompt jobs (groups) per timed round")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per replica count (the median is shown)")
-    parser.add_argument(
-        "--in-process",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="rollout setting in_process: vLLM's engine core in the worker (default: deploy/cluster.yaml's)",
-    )
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--tokens", type=int, default=24, help="max tokens per completion")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per rollout process")
     parser.add_argument("--replicas", default="1,2", help="replica counts to measure, in order")
     parser.add_argument("--task", default="countdown")
-    parser.add_argument(
-        "--model",
-        default="auto",
-        help="'demo' (the warm-started runs/models/countdown-tiny), 'tiny' (a random tiny model made here), "
-        "a checkpoint directory, or 'auto': demo when it exists, else tiny",
-    )
+    add_model_options(parser)
     parser.add_argument("--ready-timeout", type=float, default=300, help="seconds allowed for workers to be ready")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed for one round of jobs")
     args = parser.parse_args(argv or [])  # `python -m bench` calls main() with no arguments
@@ -201,15 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="aisrl-bench-") as name, start_embedded_redis() as redis:
         tmp = Path(name)
-        if args.model == "auto":
-            args.model = "demo" if (DEMO_MODEL / "config.json").is_file() else "tiny"
-        if args.model == "tiny":
-            from aisrl.models.tiny import init_model_dir
-
-            model_dir, label = init_model_dir(tmp / "tiny", seed=0), "random tiny model"
-        else:
-            model_dir = DEMO_MODEL if args.model == "demo" else Path(args.model)
-            label = str(model_dir)
+        model_dir, label = resolve_model(args.model, tmp)
         results = []
         for replicas in counts:
             r = measure(replicas, redis.url, model_dir, tmp, args)

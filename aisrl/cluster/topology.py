@@ -175,13 +175,18 @@ def build_topology(settings: ClusterSettings, ports: Ports, redis_url: str) -> T
     )  # fmt: skip
 
 
+def thread_env(service: str, threads: int) -> dict[str, str]:
+    """The environment that sizes a service process's CPU threads (cluster.yaml's `threads:`)."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if service == "rollout":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # several replicas share the cores; no pinning
+    return env
+
+
 def _with_threads(spec: ProcessSpec, threads: int | None) -> ProcessSpec:
     if threads is None:
         return spec
-    extra = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    if spec.service == "rollout":
-        extra["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # several replicas share the cores; no pinning
-    return ProcessSpec(**{**spec.__dict__, "env": {**spec.env, **extra}})
+    return ProcessSpec(**{**spec.__dict__, "env": {**spec.env, **thread_env(spec.service, threads)}})
 
 
 def build_model_init(settings: ClusterSettings, out: Path) -> ProcessSpec:
