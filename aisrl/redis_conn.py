@@ -9,17 +9,22 @@ has to be installed by hand.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+
+T = TypeVar("T")
 
 
 class RedisUnavailableError(RuntimeError):
@@ -147,3 +152,18 @@ def redis_url_or_embedded(url: str | None, data_dir: str | Path | None = None):
         return
     with start_embedded_redis(data_dir=data_dir) as server:
         yield server.url
+
+
+def run_on_redis(
+    service: str,
+    redis_url: str | None,
+    main: Callable[[str], Coroutine[Any, Any, T]],
+    data_dir: str | Path | None = None,
+) -> T:
+    """A service's entry point: runs main(redis_url) in a new event loop, or, without a URL, on an embedded Redis
+    started for it and stopped after it (its append-only file in data_dir when one is given)."""
+    if redis_url:
+        return asyncio.run(main(redis_url))
+    with start_embedded_redis(data_dir=data_dir, appendonly=data_dir is not None) as server:
+        print(f"{service}: embedded Redis at {server.url} (set AISRL_REDIS_URL to use your own)", flush=True)
+        return asyncio.run(main(server.url))

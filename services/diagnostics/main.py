@@ -17,7 +17,7 @@ import uvicorn
 
 from aisrl.http_server import start_http
 from aisrl.logs import configure_logging, log_fields
-from aisrl.redis_conn import start_embedded_redis
+from aisrl.redis_conn import run_on_redis
 from aisrl.services.diagnostics.app import create_app
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 
@@ -73,10 +73,4 @@ async def serve(settings: DiagnosticsSettings, redis_url: str) -> None:
 def run(settings: DiagnosticsSettings) -> None:
     """Entry point of `aisrl diagnostics`."""
     configure_logging(settings.log_level, settings.log_json)
-    if settings.redis_url:
-        asyncio.run(serve(settings, settings.redis_url))
-        return
-    data_dir = settings.embedded_redis_dir
-    with start_embedded_redis(data_dir=data_dir, appendonly=data_dir is not None) as redis_server:
-        print(f"diagnostics: embedded Redis at {redis_server.url} (set AISRL_REDIS_URL to use your own)", flush=True)
-        asyncio.run(serve(settings, redis_server.url))
+    run_on_redis("diagnostics", settings.redis_url, lambda url: serve(settings, url), settings.embedded_redis_dir)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from aisrl.http_server import start_http
 from aisrl.logs import configure_logging, log_fields
-from aisrl.redis_conn import start_embedded_redis
+from aisrl.redis_conn import run_on_redis
 from aisrl.services.learner.app import create_app
 from aisrl.services.learner.config import LearnerSettings
 from aisrl.services.learner.learner import Learner
@@ -65,10 +65,4 @@ async def serve(
 def run(settings: LearnerSettings) -> None:
     """Entry point of `aisrl learner`."""
     configure_logging(settings.log_level, settings.log_json)
-    if settings.redis_url:
-        asyncio.run(serve(settings, settings.redis_url))
-        return
-    data_dir = settings.embedded_redis_dir
-    with start_embedded_redis(data_dir=data_dir, appendonly=data_dir is not None) as redis_server:
-        print(f"learner: embedded Redis at {redis_server.url} (set AISRL_REDIS_URL to use your own)", flush=True)
-        asyncio.run(serve(settings, redis_server.url))
+    run_on_redis("learner", settings.redis_url, lambda url: serve(settings, url), settings.embedded_redis_dir)

@@ -34,7 +34,7 @@ import uvicorn
 
 from aisrl.http_server import start_http
 from aisrl.logs import configure_logging, log_fields
-from aisrl.redis_conn import async_client, start_embedded_redis
+from aisrl.redis_conn import async_client, run_on_redis
 from aisrl.services.rollout.app import RolloutState, create_app
 from aisrl.services.rollout.config import RolloutSettings
 from aisrl.services.rollout.engine import RolloutEngine, create_engine
@@ -308,11 +308,6 @@ def exit_abandoning_load(status: int = 0, grace_s: float = 2.0) -> NoReturn:
 def run(settings: RolloutSettings) -> None:
     """Entry point of `aisrl rollout`."""
     configure_logging(settings.log_level, settings.log_json)
-    if settings.redis_url:
-        finished = asyncio.run(serve(settings, settings.redis_url))
-    else:
-        with start_embedded_redis() as redis_server:
-            print(f"rollout: embedded Redis at {redis_server.url} (set AISRL_REDIS_URL to share one)", flush=True)
-            finished = asyncio.run(serve(settings, redis_server.url))
+    finished = run_on_redis("rollout", settings.redis_url, lambda url: serve(settings, url))
     if not finished:
         exit_abandoning_load(0)  # a requested stop: status 0
