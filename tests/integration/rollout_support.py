@@ -285,3 +285,16 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def read_until(proc: subprocess.Popen, marker: str, max_lines: int) -> str:
+    """The first line of proc's output that starts with marker; AssertionError with what it printed otherwise."""
+    seen = []
+    for _ in range(max_lines):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith(marker):
+            return line
+    raise AssertionError(f"child never printed {marker!r}:\n" + "".join(seen))

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from cluster_support import TreeWatcher, output, start_up, write_yaml  # tests/integration is on sys.path
+from cluster_support import TreeWatcher, output, start_up, wait_up, write_yaml  # tests/integration is on sys.path
 
 from aisrl.cluster.config import load_cluster_settings
 from aisrl.cluster.supervisor import ClusterError, Supervisor, spawn, stop_children
@@ -55,12 +55,7 @@ def test_up_trains_to_steps_then_stops_everything_and_writes_the_report(tmp_path
                                     "rollout": {"engine": "hf", "batch_size": 2, "catch_up_timeout_s": 0}})  # fmt: skip
     up = start_up(config, "fin")
     watcher = TreeWatcher(up.pid)
-    try:
-        rc = up.wait(timeout=420)
-    finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-    text = output(up)
+    rc, text = wait_up(up, 420)
     assert rc == 0, text
     assert watcher.survivors() == []
     assert len(watcher.seen) >= 4, "diagnostics, learner, a rollout and redis-server ran as descendants"

@@ -31,6 +31,7 @@ from rollout_support import (  # tests/integration is on sys.path (pytest's root
     FakeEngine,
     get_echo_task,
     parse_echo_problem,
+    read_until,
     write_base_model,
 )
 
@@ -260,18 +261,6 @@ async def test_a_stop_while_the_engine_loads_returns_at_once_and_the_late_engine
     assert made[0].closed_on == load_threads[0], "the engine must be closed on the thread that made it"
 
 
-def _read_until(proc: subprocess.Popen, marker: str, max_lines: int = 2000) -> str:
-    seen = []
-    for _ in range(max_lines):
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if line.startswith(marker):
-            return line
-    raise AssertionError(f"child never printed {marker!r}:\n" + "".join(seen))
-
-
 def _stop_and_check(proc: subprocess.Popen, children: list[psutil.Process], within_s: float) -> str:
     """SIGTERM, then: exits 0 within `within_s`, and neither `children` nor anything of its group is left."""
     proc.send_signal(signal.SIGTERM)
@@ -307,7 +296,7 @@ def test_sigterm_while_the_engine_loads_exits_0_promptly_and_stops_the_load_s_pr
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
     try:
-        line = _read_until(proc, "LOADING")
+        line = read_until(proc, "LOADING", max_lines=2000)
         child = psutil.Process(int(line.split()[1]))
         assert child.ppid() == proc.pid
         report = _stop_and_check(proc, [child], within_s=15)
@@ -325,9 +314,13 @@ def test_sigterm_while_vllm_loads_exits_0_promptly_and_leaves_no_process(redis_u
     argv = [aisrl, "rollout", "--engine", "vllm", "--precision", "bf16", "--redis-url", redis_url, "--run-id", RUN,
             "--http-port", "0", "--work-dir", str(tmp_path / "work"), "--kv-cache-gb", "0.25",
             "--max-model-len", "128"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # An in-process vLLM engine made earlier in this pytest process leaves VLLM_ENABLE_V1_MULTIPROCESSING=0 in its
+    # environment (vllm_engine.py); inherited, it would keep this replica from spawning the engine core under test.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING" and not k.startswith("AISRL_")}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
     try:
-        _read_until(proc, "rollout: HTTP")  # signal handlers are installed
+        read_until(proc, "rollout: HTTP", max_lines=2000)  # signal handlers are installed
         deadline = time.monotonic() + 240
         children: list[psutil.Process] = []
         while not children:  # vLLM started its engine core: the load is under way

@@ -28,6 +28,7 @@ from rollout_support import (  # tests/integration is on sys.path (pytest's root
     get_echo_task,
     parse_echo_problem,
     prompt_job,
+    read_until,
     tiny_state,
     write_base_model,
 )
@@ -193,7 +194,7 @@ async def test_killed_worker_jobs_are_reclaimed_exactly_once_by_the_survivor(cli
     proc = subprocess.Popen([sys.executable, SUPPORT, json.dumps(settings), json.dumps(engine)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        line = await asyncio.to_thread(_read_until, proc, "GENERATING")
+        line = await asyncio.to_thread(read_until, proc, "GENERATING", 500)
         assert line.split() == ["GENERATING", "4"]
         proc.kill()  # no chance to release or write anything
         proc.wait(timeout=10)
@@ -209,18 +210,6 @@ async def test_killed_worker_jobs_are_reclaimed_exactly_once_by_the_survivor(cli
     groups = await groups_written(client)
     assert count_of(groups) == Counter(jobs) and {g.worker_id for g in groups} == {"survivor"}
     assert survivor.metrics.reclaimed._value.get() == 4 and await pending(client) == 0
-
-
-def _read_until(proc: subprocess.Popen, marker: str, timeout_lines: int = 500) -> str:
-    seen = []
-    for _ in range(timeout_lines):
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if line.startswith(marker):
-            return line
-    raise AssertionError("child never printed " + marker + ":\n" + "".join(seen))
 
 
 async def test_slow_worker_whose_jobs_were_reclaimed_writes_no_duplicate(client, redis_url):
@@ -591,9 +580,9 @@ async def test_sigterm_finishes_or_releases_the_batch_and_acks_nothing_unwritten
     proc = subprocess.Popen([sys.executable, SUPPORT, json.dumps(settings), json.dumps(engine)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        http_line = await asyncio.to_thread(_read_until, proc, "rollout: HTTP")
+        http_line = await asyncio.to_thread(read_until, proc, "rollout: HTTP", 500)
         port = int(http_line.split(":")[3].split()[0])
-        await asyncio.to_thread(_read_until, proc, "GENERATING")
+        await asyncio.to_thread(read_until, proc, "GENERATING", 500)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
             assert (await http.get("/healthz")).json()["worker_id"] == "w-term"
             assert (await http.get("/readyz")).status_code == 200

@@ -25,6 +25,7 @@ from aisrl.services.rollout.engine import (
     SamplingConfig,
     make_completion,
 )
+from tests.logprob_reference import forward_logprobs
 
 TEMPERATURE = 0.7
 PROMPTS = [f"{i}+{3 * i}=" for i in range(12)] + ["Use 3 5 7 to make 22:", "x"]
@@ -70,16 +71,6 @@ def test_logprob_count_and_finish_reason_checked():
 
 
 # --- a real vLLM engine ----------------------------------------------------------------------------
-
-
-def forward_logprobs(model, completion: Completion, temperature: float) -> np.ndarray:
-    """log_softmax(logits / T) at the sampled ids, from one plain PyTorch forward pass."""
-    ids = np.concatenate([completion.prompt_token_ids, completion.token_ids]).astype(np.int64)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(ids)[None]).logits[0].float()
-    start = len(completion.prompt_token_ids) - 1
-    lp = torch.log_softmax(logits[start:-1] / temperature, dim=-1)
-    return lp.gather(1, torch.from_numpy(completion.token_ids.astype(np.int64))[:, None])[:, 0].numpy()
 
 
 def deltas(model, groups: list[list[Completion]], temperature: float = TEMPERATURE) -> np.ndarray:

@@ -14,6 +14,7 @@ from aisrl.models.tiny import TinyModelConfig, create_model, init_model_dir, loa
 from aisrl.models.tokenizer import BOS_ID, EOS_ID, NEWLINE_ID, PAD_ID, VOCAB_SIZE, encode
 from aisrl.services.rollout.engine import EngineConfig, SamplingConfig
 from aisrl.services.rollout.hf_engine import HfEngine
+from tests.logprob_reference import forward_logprobs
 
 SMALL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=64)
 
@@ -57,16 +58,6 @@ def test_create_model_is_deterministic_and_leaves_rng_alone():
     assert torch.equal(torch.rand(1), expected)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.lm_head.weight, create_model(SMALL, seed=8).lm_head.weight)
-
-
-def forward_logprobs(model, completion, temperature: float) -> np.ndarray:
-    """log_softmax(logits / T) at the sampled ids, from one unpadded forward pass."""
-    ids = np.concatenate([completion.prompt_token_ids, completion.token_ids]).astype(np.int64)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(ids)[None]).logits[0].float()
-    start = len(completion.prompt_token_ids) - 1
-    lp = torch.log_softmax(logits[start:-1] / temperature, dim=-1)
-    return lp.gather(1, torch.from_numpy(completion.token_ids.astype(np.int64))[:, None])[:, 0].numpy()
 
 
 def test_hf_engine_logprobs_match_forward_pass(model_dir):
