@@ -28,7 +28,12 @@ The formulation, for N carried tokens i in S sequences:
 - Masks: mis drops tokens (token level) or whole sequences (sequence levels) whose carried weight
   is outside [1/C, C]; the veto drops sequences holding a token whose token-level weight is below
   veto_threshold; off-policy sequence masking drops sequences with A < 0 whose mean(-delta)
-  exceeds opsm_kl_threshold.
+  exceeds opsm_kl_threshold; IcePop ratio bounds, divergence rejection, M2PO and self-normalized
+  weights are `aisrl.core.corrections` (docs/corrections.md). Without any mask or self-normalization
+  the coefficients come from the blocked fast path; otherwise from explicit per-token arrays.
+- Correction diagnostics (`CorrectionStats`): the share of tokens masked for each reason, the kept
+  share, the mean and standard deviation of the loss weights over kept tokens, the sequence-level
+  ESS of exp(clamp(sum_s delta)) and m2 = mean(delta^2).
 - Extra metrics (clamped delta throughout): kl_k1 = mean(-delta); ppl_ratio = exp(kl_k1);
   chi2_token = mean(exp(delta)^2) - 1; chi2_sequence = mean_s(exp(clamp(sum_s delta))^2) - 1;
   frac_truncated = share of tokens whose carried weight exceeds C (0 without a cap);
@@ -61,16 +66,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aisrl.core.corrections import apply_corrections, needs_token_pass
 from aisrl.core.types import (
     LOG_RATIO_CLAMP,
     BatchValidationError,
     CoefficientResult,
     CorrectionConfig,
     CorrectionMode,
+    CorrectionStats,
     MismatchArrays,
     WeightLevel,
     WeightStats,
 )
+from aisrl.core.weights import (
+    applied_weights,
+    carried_weights,
+    log_ratios,
+    mis_bounds,
+    sequence_log_weights,
+    sequence_starts,
+)
+
+__all__ = ["applied_weights", "carried_weights", "log_ratios", "mis_bounds", "sequence_log_weights", "sequence_starts"]
 
 # Log-probabilities up to this much above 0 are accepted as float rounding of a certain token
 # (log 1 = 0) and used as they are; anything larger is an error.
@@ -217,48 +234,6 @@ def arrays_from_ragged(
 # --------------------------------------------------------------------------------------------
 
 
-def sequence_starts(lengths: np.ndarray) -> np.ndarray:
-    """Index of the first token of every sequence of a packed batch."""
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    return starts
-
-
-def log_ratios(lp_pi: np.ndarray, lp_mu: np.ndarray) -> np.ndarray:
-    """delta = clamp(lp_pi - lp_mu, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), per token."""
-    return np.clip(np.subtract(lp_pi, lp_mu, dtype=np.float64), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-
-
-def sequence_log_weights(delta_sums: np.ndarray, lengths: np.ndarray, level: WeightLevel) -> np.ndarray:
-    """log w_s of each sequence from its sum of (clamped) deltas, at a sequence level."""
-    if level is WeightLevel.SEQUENCE:
-        return np.clip(delta_sums, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if level is WeightLevel.GEOMETRIC:
-        return delta_sums / lengths
-    raise ValueError(f"{level} is not a sequence level")
-
-
-def carried_weights(delta: np.ndarray, lengths: np.ndarray, level: WeightLevel) -> np.ndarray:
-    """The weight every token carries at `level` (float64[N]), from the clamped per-token deltas."""
-    if level is WeightLevel.TOKEN:
-        return np.exp(delta)
-    sums = np.add.reduceat(delta, sequence_starts(lengths))
-    return np.repeat(np.exp(sequence_log_weights(sums, lengths, level)), lengths)
-
-
-def mis_bounds(cap: float | None) -> tuple[float, float]:
-    """The interval [1/C, C] that mis keeps; without a cap it is [0, inf) (nothing masked), and a
-    cap below 1 makes it empty (everything masked): the formula's own limits, not special cases."""
-    if cap is None:
-        return 0.0, math.inf
-    return 1.0 / cap, cap
-
-
-def applied_weights(weights: np.ndarray, cap: float | None) -> np.ndarray:
-    """wt = min(w, C); the weights themselves without a cap."""
-    return weights if cap is None else np.minimum(weights, cap)
-
-
 @dataclass(frozen=True)
 class _Moments:
     """Sufficient statistics of per-token weights x for WeightStats (a = A / max|A|)."""
@@ -365,9 +340,9 @@ class _Sweep:
     seq_wt2: np.ndarray | None  # sum of min(w, C)^2 (token level with a cap)
     seq_wmin: np.ndarray | None  # smallest token-level w (veto)
     w: np.ndarray | None  # float64[N] token-level weights (token level); becomes token_coef
-    mis_keep: np.ndarray | None  # bool[N]: w in [1/C, C] (mis at token level)
     truncated_blocks: list[bool]  # per block: some w > C (token level with a cap)
     shift_sum: float = 0.0  # sum (w - 1)
+    d2_sum: float = 0.0  # sum delta^2 (M2PO's second moment)
     w_sum: float = 0.0
     wt_sum: float = 0.0
     n_truncated: int = 0
@@ -402,7 +377,6 @@ def _sweep(
         seq_wt2=np.empty(n_seq) if token_level and cap is not None else None,
         seq_wmin=np.empty(n_seq) if config.veto_threshold is not None else None,
         w=np.empty(n) if token_level else None,
-        mis_keep=np.empty(n, dtype=bool) if token_level and config.mode is CorrectionMode.MIS else None,
         truncated_blocks=[],
     )
     size = max(t1 - t0 for _, _, t0, t1 in blocks)
@@ -425,6 +399,7 @@ def _sweep(
         out.d_min, out.d_max = min(out.d_min, lo), max(out.d_max, hi)
         local = starts[s0:s1] - t0
         np.add.reduceat(d, local, out=out.seq_delta[s0:s1])
+        out.d2_sum += _dot(d, d)
         w = np.exp(d, out=out.w[t0:t1] if out.w is not None else x_buf[:m])
         x = np.subtract(w, 1.0, out=d)  # the block's deltas are summed: reuse their memory
         shift = float(x.sum())
@@ -436,10 +411,6 @@ def _sweep(
         np.add.reduceat(x, local, out=out.seq_w2[s0:s1])
         if out.seq_wmin is not None:
             np.minimum.reduceat(w, local, out=out.seq_wmin[s0:s1])
-        if out.mis_keep is not None:
-            lo_w, hi_w = mis_bounds(cap)
-            keep = np.greater_equal(w, lo_w, out=out.mis_keep[t0:t1])
-            keep &= w <= hi_w
         if out.seq_wt2 is not None:
             truncated = float(np.exp(hi)) > cap  # exp is monotone: the block's largest weight
             out.truncated_blocks.append(truncated)
@@ -549,21 +520,34 @@ def compute_coefficient(
         off_policy = (advantages < 0.0) & (-sweep.seq_delta / lengths_f > config.opsm_kl_threshold)
         n_opsm = int(lengths[off_policy].sum())
         seq_keep &= ~off_policy
-    if config.mode is CorrectionMode.MIS and level is not WeightLevel.TOKEN:
-        lo_w, hi_w = mis_bounds(cap)
-        seq_keep &= (ws >= lo_w) & (ws <= hi_w)
     seq_masking = not seq_keep.all()
 
-    if level is WeightLevel.TOKEN:
-        keep = sweep.mis_keep
-        if seq_masking:
-            expanded = np.repeat(seq_keep, lengths)
-            keep = expanded if keep is None else np.logical_and(keep, expanded, out=keep)
-        token_coef = _token_coefficients(sweep, blocks, cap, alpha, keep)
-    else:
-        keep = np.repeat(seq_keep, lengths) if seq_masking else None
-        token_coef = np.repeat(np.where(seq_keep, (1.0 - alpha) + alpha * wts, 0.0), lengths)
-    n_kept = int(np.count_nonzero(keep)) if keep is not None else n
+    ess_seq = min(float(w_seq.sum()) ** 2 / float(np.dot(w_seq, w_seq)), float(n_seq))
+    if needs_token_pass(config) or seq_masking:
+        # The general path: every mask and the loss weights on explicit per-token arrays.
+        outcome = apply_corrections(log_ratios(lp_pi, lp_mu), lengths, config,
+                                    np.repeat(seq_keep, lengths) if seq_masking else None)  # fmt: skip
+        keep = outcome.keep
+        token_coef = np.where(keep, (1.0 - alpha) + alpha * outcome.weights, 0.0)
+        n_kept = int(np.count_nonzero(keep))
+        kept_w = outcome.weights[keep]
+        w_mean, w_std = (float(kept_w.mean()), float(kept_w.std())) if n_kept else (0.0, 0.0)
+        counts = (outcome.n_low, outcome.n_high, outcome.n_rejected, outcome.n_m2po)
+    else:  # nothing masked, plain applied weights: the blocked fast path
+        if level is WeightLevel.TOKEN:
+            token_coef = _token_coefficients(sweep, blocks, cap, alpha, None)
+        else:
+            token_coef = np.repeat((1.0 - alpha) + alpha * wts, lengths)
+        keep = np.ones(n, dtype=bool)
+        n_kept = n
+        w_mean = applied_stats.weight_mean
+        w_std = math.sqrt(max(applied.total_sq / n - w_mean * w_mean, 0.0))
+        counts = (0, 0, 0, 0)
+    corrections = CorrectionStats(
+        frac_mask_low=counts[0] / n, frac_mask_high=counts[1] / n, frac_rejected=counts[2] / n,
+        frac_m2po=counts[3] / n, frac_kept=n_kept / n, weight_std=w_std, loss_weight_mean=w_mean,
+        ess_sequence=ess_seq, m2=sweep.d2_sum / n,
+    )  # fmt: skip
 
     kl_k1 = -delta_sum / n
     return CoefficientResult(
@@ -587,7 +571,8 @@ def compute_coefficient(
         frac_masked=(n - n_kept) / n,
         frac_vetoed=n_vetoed / n,
         frac_opsm=n_opsm / n,
+        corrections=corrections,
         warnings=health_warnings(applied_stats.reliability, raw_stats.weight_mean, kl, chi2_token),
         token_coef=token_coef,
-        token_keep=keep if keep is not None else np.ones(n, dtype=bool),
+        token_keep=keep,
     )

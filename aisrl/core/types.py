@@ -12,8 +12,9 @@ response tokens are carried (the mask is implicit: every carried token counts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -40,10 +41,42 @@ class WeightLevel(StrEnum):
     GEOMETRIC = "geometric"  # w_s = exp(mean_s delta), carried by every token of s
 
 
+class RejectRule(StrEnum):
+    """Divergence rejection (verl's rollout-correction RS options): aggregation _ estimator.
+
+    Token divergences of delta = log(pi/mu): k1 = -delta, k2 = delta^2 / 2, k3 = exp(delta) - 1 - delta.
+    `token_*` judge each token, `seq_sum_*` / `seq_mean_*` / `seq_max_*` the sum, mean or max over a
+    sequence and drop the whole sequence. k1 is signed, so its rules drop |aggregate| > threshold.
+    """
+
+    TOKEN_K1 = "token_k1"
+    TOKEN_K2 = "token_k2"
+    TOKEN_K3 = "token_k3"
+    SEQ_SUM_K1 = "seq_sum_k1"
+    SEQ_SUM_K2 = "seq_sum_k2"
+    SEQ_SUM_K3 = "seq_sum_k3"
+    SEQ_MEAN_K1 = "seq_mean_k1"
+    SEQ_MEAN_K2 = "seq_mean_k2"
+    SEQ_MEAN_K3 = "seq_mean_k3"
+    SEQ_MAX_K2 = "seq_max_k2"
+    SEQ_MAX_K3 = "seq_max_k3"
+
+    @property
+    def aggregation(self) -> str:
+        """token, sum, mean or max."""
+        head = self.value.rsplit("_", 1)[0]
+        return "token" if head == "token" else head.removeprefix("seq_")
+
+    @property
+    def estimator(self) -> str:
+        """k1, k2 or k3."""
+        return self.value.rsplit("_", 1)[1]
+
+
 class CorrectionConfig(BaseModel):
     """Every knob of the correction. Defaults are those of DESIGN §2."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False, allow_inf_nan=False)
 
     mode: CorrectionMode = Field(CorrectionMode.AIS, description="Correction mode: none, tis, mis, fixed or ais.")
     level: WeightLevel = Field(WeightLevel.TOKEN, description="Importance-weight level: token, sequence or geometric.")
@@ -74,10 +107,47 @@ class CorrectionConfig(BaseModel):
         ),
     )
 
+    # -- composable corrections (docs/corrections.md): a weighting (mode, level, cap, self_normalize)
+    # and any set of masks (mis, veto, opsm and the four below), each independent of alpha.
+    self_normalize: bool = Field(
+        False,
+        description="Self-normalized IS: divide the applied weights by their mean over the kept tokens (sequence "
+        "levels: over the kept sequences), after the cap.",
+    )
+    mask_ratio_lo: float | None = Field(
+        None,
+        ge=0.0,
+        description="IcePop lower bound: mask tokens whose token ratio pi/mu is below it (null: no lower bound).",
+    )
+    mask_ratio_hi: float | None = Field(
+        None,
+        gt=0.0,
+        description="IcePop upper bound: mask tokens whose token ratio pi/mu is above it (null: no upper bound).",
+    )
+    reject_rule: RejectRule | None = Field(
+        None,
+        description="Divergence rejection (verl's rollout_rs options): token_k1|k2|k3, seq_sum_k1|k2|k3, "
+        "seq_mean_k1|k2|k3, seq_max_k2|k3 (null: none).",
+    )
+    reject_threshold: float | None = Field(
+        None, ge=0.0, description="Drop tokens or sequences whose divergence under reject_rule exceeds it."
+    )
+    m2po_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        description="M2PO: mask the tokens with the largest delta^2 until the mean delta^2 of the kept tokens is at "
+        "most this (null: off).",
+    )
+
     @model_validator(mode="after")
     def _check_bounds(self) -> CorrectionConfig:
         if self.alpha_min > self.alpha_max:
             raise ValueError(f"alpha_min ({self.alpha_min}) must not exceed alpha_max ({self.alpha_max})")
+        lo, hi = self.mask_ratio_lo, self.mask_ratio_hi
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"mask_ratio_lo ({lo}) must be below mask_ratio_hi ({hi})")
+        if (self.reject_rule is None) != (self.reject_threshold is None):
+            raise ValueError("reject_rule and reject_threshold are set together (both or neither)")
         return self
 
 
@@ -119,6 +189,32 @@ class WeightStats:
     weight_max: float
 
 
+def _stat(doc: str) -> Any:
+    return field(metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class CorrectionStats:
+    """Diagnostics of the composable corrections, reported for every batch in every mode.
+
+    This dataclass is the one declaration of these fields: the REST schema, the Prometheus gauges and
+    the flat record derive from it (the proto mirrors it, checked by a test).
+    """
+
+    frac_mask_low: float = _stat("Share of tokens masked for a ratio below the lower bound (mis 1/C, mask_ratio_lo).")
+    frac_mask_high: float = _stat("Share of tokens masked for a ratio above the upper bound (mis C, mask_ratio_hi).")
+    frac_rejected: float = _stat("Share of tokens dropped by divergence rejection (reject_rule).")
+    frac_m2po: float = _stat("Share of tokens masked by M2PO's second-moment rule.")
+    frac_kept: float = _stat("Share of tokens that stay in the loss after every mask.")
+    weight_std: float = _stat("Standard deviation of the per-token weights the loss applies, over kept tokens.")
+    loss_weight_mean: float = _stat("Mean of the per-token weights the loss applies, over kept tokens (1 if SNIS).")
+    ess_sequence: float = _stat("Sequence-level ESS (sum w_s)^2 / sum w_s^2 of w_s = exp(clamp(sum_s delta)).")
+    m2: float = _stat("Second moment of the log ratio, mean(delta^2) over every token (M2PO's M2).")
+
+
+CORRECTION_STAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CorrectionStats))
+
+
 @dataclass(frozen=True)
 class CoefficientResult:
     """Everything computed for one batch. Scalars are reported; arrays feed the learner's loss.
@@ -148,6 +244,7 @@ class CoefficientResult:
     frac_masked: float  # fraction of tokens removed from the loss (mis, veto, opsm together)
     frac_vetoed: float  # fraction of tokens in sequences dropped by the veto
     frac_opsm: float  # fraction of tokens in sequences dropped by off-policy sequence masking
+    corrections: CorrectionStats  # the composable corrections' diagnostics (masks by reason, weights)
     warnings: tuple[str, ...]  # health thresholds crossed (ESS/N < 0.3, mean w outside [0.5, 2], ...)
     token_coef: np.ndarray = field(repr=False)  # float64[N]: c_i = (1 - alpha) + alpha * wt_i (0 where masked)
     token_keep: np.ndarray = field(repr=False)  # bool[N]: token kept in the loss

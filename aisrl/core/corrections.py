@@ -1,0 +1,162 @@
+"""The composable corrections: masks (IcePop ratio bounds, divergence rejection, M2PO) and
+self-normalized weights, as pure numpy on the clamped per-token log ratios (docs/corrections.md).
+
+Invariant: a correction is a weighting (mode, level, cap, self_normalize) and any set of masks,
+each of which only removes tokens from the loss; no mask depends on alpha, and none changes the
+diagnostics of `aisrl.core.ais` (rho, kl, v, alpha_ais are computed on every carried token), so
+the shadow alpha is comparable across modes. Masks combine by AND; each reason is counted on its
+own (a token may count under several), M2PO runs last, on the tokens every other mask keeps.
+
+Definitions, for delta_i = clamp(lp_pi_i - lp_mu_i, -20, 20) and token ratio exp(delta_i):
+
+- IcePop (Ring-1T, arXiv 2510.18855, section "IcePop"): keep tokens with ratio in
+  [mask_ratio_lo, mask_ratio_hi] (either bound optional).
+- Divergence rejection (verl, docs/algo/rollout_corr.md, "Rejection sampling" / rollout_rs options):
+  token divergences k1 = -delta, k2 = delta^2 / 2, k3 = exp(delta) - 1 - delta; `token_*` drops a
+  token whose divergence exceeds the threshold, `seq_{sum,mean,max}_*` drops every token of a
+  sequence whose sum / mean / max exceeds it. k1 is signed: its rules drop |aggregate| > threshold
+  (verl's symmetric ratio bounds [1/U, U] with U = exp(threshold)).
+- M2PO (Zheng et al. 2025, arXiv 2510.01161, section 4 "M2PO"; AReaL's `m2_threshold`): among the
+  kept tokens, mask those with the largest delta^2 until mean(delta^2) over the remaining ones is
+  at most m2po_threshold (ties: the later token goes first). An empty remainder satisfies it.
+- Self-normalized IS: applied weights wt = min(w, C) divided by their mean over the kept tokens
+  (token level) or over the sequences that keep a token (sequence levels); verl's
+  `rollout_is_batch_normalize`. With nothing kept the weights are left as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aisrl.core.types import CorrectionConfig, CorrectionMode, RejectRule, WeightLevel
+from aisrl.core.weights import applied_weights, carried_weights, mis_bounds, sequence_starts
+
+
+def token_divergence(delta: np.ndarray, estimator: str) -> np.ndarray:
+    """k1 = -delta, k2 = delta^2 / 2, k3 = exp(delta) - 1 - delta (expm1 keeps small values exact)."""
+    if estimator == "k1":
+        return -delta
+    if estimator == "k2":
+        return 0.5 * delta * delta
+    if estimator == "k3":
+        return np.expm1(delta) - delta
+    raise ValueError(f"unknown divergence estimator {estimator!r}")
+
+
+def reject_drop(delta: np.ndarray, lengths: np.ndarray, rule: RejectRule, threshold: float) -> np.ndarray:
+    """bool[N]: tokens dropped by divergence rejection (module docstring)."""
+    div = token_divergence(delta, rule.estimator)
+    signed = rule.estimator == "k1"
+    if rule.aggregation == "token":
+        score = np.abs(div) if signed else div
+        return score > threshold
+    starts = sequence_starts(lengths)
+    if rule.aggregation == "max":
+        seq = np.maximum.reduceat(div, starts)
+    else:
+        seq = np.add.reduceat(div, starts)
+        if rule.aggregation == "mean":
+            seq = seq / lengths
+    if signed:
+        seq = np.abs(seq)
+    return np.repeat(seq > threshold, lengths)
+
+
+def m2po_keep(delta: np.ndarray, keep: np.ndarray, threshold: float) -> np.ndarray:
+    """bool[N]: the kept tokens M2PO leaves (module docstring); masked tokens stay masked.
+
+    The mean of the m smallest delta^2 grows with m, so the tokens left are the m* smallest, m* the
+    largest m whose sum is at most threshold * m.
+    """
+    idx = np.flatnonzero(keep)
+    q = delta[idx] * delta[idx]
+    order = np.argsort(q, kind="stable")
+    sums = np.concatenate([[0.0], np.cumsum(q[order])])
+    fits = sums <= threshold * np.arange(q.size + 1)
+    m = int(np.flatnonzero(fits).max())  # fits[0] is always true
+    out = np.zeros_like(keep)
+    out[idx[order[:m]]] = True
+    return out
+
+
+def self_normalized(weights: np.ndarray, keep: np.ndarray, lengths: np.ndarray, level: WeightLevel) -> np.ndarray:
+    """weights / their mean over the kept tokens (token level) or the sequences keeping a token."""
+    if not keep.any():
+        return weights
+    if level is WeightLevel.TOKEN:
+        mean = float(weights[keep].mean())
+    else:
+        starts = sequence_starts(lengths)
+        seq_kept = np.logical_or.reduceat(keep, starts)
+        mean = float(weights[starts][seq_kept].mean())
+    return weights / mean
+
+
+def loss_weights(delta: np.ndarray, lengths: np.ndarray, config: CorrectionConfig, keep: np.ndarray) -> np.ndarray:
+    """The weight each token's importance-weighted term carries: min(w, C), self-normalized if configured."""
+    wt = applied_weights(carried_weights(delta, lengths, config.level), config.cap)
+    return self_normalized(wt, keep, lengths, config.level) if config.self_normalize else wt
+
+
+def needs_token_pass(config: CorrectionConfig) -> bool:
+    """Whether the config uses any correction beyond the fast path of `aisrl.core.ais` (no masks, plain wt)."""
+    return (
+        config.self_normalize
+        or config.mode is CorrectionMode.MIS
+        or config.mask_ratio_lo is not None
+        or config.mask_ratio_hi is not None
+        or config.reject_rule is not None
+        or config.m2po_threshold is not None
+    )
+
+
+@dataclass(frozen=True)
+class CorrectionOutcome:
+    keep: np.ndarray  # bool[N], every mask together
+    weights: np.ndarray  # float64[N], the loss weights (min(w, C), self-normalized if configured)
+    n_low: int  # tokens below a lower ratio bound (mis 1/C at the carried level, mask_ratio_lo)
+    n_high: int  # tokens above an upper ratio bound (mis C at the carried level, mask_ratio_hi)
+    n_rejected: int  # tokens dropped by divergence rejection
+    n_m2po: int  # tokens M2PO masked among those every other mask kept
+
+
+def apply_corrections(
+    delta: np.ndarray, lengths: np.ndarray, config: CorrectionConfig, sequence_keep: np.ndarray | None
+) -> CorrectionOutcome:
+    """Every mask of the config (mis, IcePop, rejection, M2PO) and the loss weights.
+
+    sequence_keep: bool[N] of the sequence masks computed by the caller (veto, opsm), or None.
+    """
+    n = delta.size
+    w = carried_weights(delta, lengths, config.level)
+    token_ratio = w if config.level is WeightLevel.TOKEN else np.exp(delta)
+    low = np.zeros(n, dtype=bool)
+    high = np.zeros(n, dtype=bool)
+    if config.mode is CorrectionMode.MIS:
+        lo_w, hi_w = mis_bounds(config.cap)
+        low |= w < lo_w
+        high |= w > hi_w
+    if config.mask_ratio_lo is not None:
+        low |= token_ratio < config.mask_ratio_lo
+    if config.mask_ratio_hi is not None:
+        high |= token_ratio > config.mask_ratio_hi
+    keep = ~(low | high)
+    n_rejected = 0
+    if config.reject_rule is not None:
+        assert config.reject_threshold is not None  # the config validates the pair
+        rejected = reject_drop(delta, lengths, config.reject_rule, config.reject_threshold)
+        n_rejected = int(np.count_nonzero(rejected))
+        keep &= ~rejected
+    if sequence_keep is not None:
+        keep &= sequence_keep
+    n_m2po = 0
+    if config.m2po_threshold is not None:
+        kept = m2po_keep(delta, keep, config.m2po_threshold)
+        n_m2po = int(np.count_nonzero(keep)) - int(np.count_nonzero(kept))
+        keep = kept
+    wt = applied_weights(w, config.cap)
+    weights = self_normalized(wt, keep, lengths, config.level) if config.self_normalize else wt
+    return CorrectionOutcome(keep, weights, int(np.count_nonzero(low)), int(np.count_nonzero(high)), n_rejected,
+                             n_m2po)  # fmt: skip
