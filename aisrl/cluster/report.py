@@ -7,7 +7,9 @@ from the plots, never a made-up zero. Sources:
 - per step (reward, alpha, kl, loss, tokens, tokens/s, staleness): the learner's `step` log events;
 - where a resumed run picked up: the learner's `learner started` events (its log is appended to);
 - held-out accuracy: the learner's `evaluation` events, plus the step-0 evaluation run before training;
-- rho, s, p (and alpha/kl as diagnostics recorded them): GET /v1/runs/{run}/batches.
+- rho, s, p, the shadow alpha alpha_ais, the masked share, the loss weights' std and the sequence-level
+  ESS (and alpha/kl as diagnostics recorded them): GET /v1/runs/{run}/batches; the learner's step
+  events carry alpha_ais and frac_masked too, used when diagnostics has no record of the step.
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ def per_step_rows(steps: Sequence[Mapping[str, Any]], batches: Sequence[Mapping[
         diag = by_step.get(step, {})
         rows.append({
             "step": step, "version": event.get("version"), "reward": _num(event.get("reward")),
-            "alpha": _num(event.get("alpha")), "kl": _num(diag.get("kl", event.get("kl"))),
+            "alpha": _num(event.get("alpha")), "alpha_ais": _num(diag.get("alpha_ais", event.get("alpha_ais"))),
+            "frac_masked": _num(diag.get("frac_masked", event.get("frac_masked"))),
+            "weight_std": _num(diag.get("weight_std")), "ess_sequence": _num(diag.get("ess_sequence")),
+            "kl": _num(diag.get("kl", event.get("kl"))),
             "rho": _num(diag.get("reliability")), "s": _num(diag.get("severity")), "p": _num(diag.get("penalty")),
             "alpha_raw": _num(diag.get("alpha_raw")), "loss": _num(event.get("loss")),
             "grad_norm": _num(event.get("grad_norm")), "tokens": event.get("tokens"),
@@ -211,10 +216,13 @@ def plot_learning(summary: Mapping[str, Any]) -> Figure:
 
 
 def plot_ais(summary: Mapping[str, Any]) -> Figure:
-    """alpha, rho, s and p (top, in [0, 1]) and kl (bottom, log scale) vs step."""
+    """Applied and shadow alpha, masked share, rho, s and p (top, in [0, 1]) and kl (bottom, log scale) vs step."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, layout="constrained")
     rows = summary["per_step"]
-    styles = {"alpha": ("alpha (used)", "k", "-", 2.2), "rho": ("rho (ESS/N)", "tab:blue", "--", 1.2),
+    styles = {"alpha": ("applied alpha (used by the loss)", "k", "-", 2.2),
+              "alpha_ais": ("shadow alpha (what ais would use)", "tab:orange", "--", 1.8),
+              "frac_masked": ("share of tokens masked", "tab:purple", (0, (1, 1)), 1.2),
+              "rho": ("rho (ESS/N)", "tab:blue", "--", 1.2),
               "s": ("s (severity)", "tab:green", ":", 1.6), "p": ("p (penalty)", "tab:red", "-.", 1.2)}  # fmt: skip
     for key, (label, color, line, width) in styles.items():
         points = [(r["step"], r[key]) for r in rows if r[key] is not None]

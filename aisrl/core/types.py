@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # delta = lp_pi - lp_mu is clamped to this range before exponentiation (DESIGN §2).
 LOG_RATIO_CLAMP = 20.0
@@ -130,7 +130,10 @@ class CorrectionConfig(BaseModel):
         "seq_mean_k1|k2|k3, seq_max_k2|k3 (null: none).",
     )
     reject_threshold: float | None = Field(
-        None, ge=0.0, description="Drop tokens or sequences whose divergence under reject_rule exceeds it."
+        None,
+        ge=0.0,
+        validate_default=True,
+        description="Drop tokens or sequences whose divergence under reject_rule exceeds it.",
     )
     m2po_threshold: float | None = Field(
         None,
@@ -143,12 +146,26 @@ class CorrectionConfig(BaseModel):
     def _check_bounds(self) -> CorrectionConfig:
         if self.alpha_min > self.alpha_max:
             raise ValueError(f"alpha_min ({self.alpha_min}) must not exceed alpha_max ({self.alpha_max})")
-        lo, hi = self.mask_ratio_lo, self.mask_ratio_hi
-        if lo is not None and hi is not None and lo >= hi:
-            raise ValueError(f"mask_ratio_lo ({lo}) must be below mask_ratio_hi ({hi})")
-        if (self.reject_rule is None) != (self.reject_threshold is None):
-            raise ValueError("reject_rule and reject_threshold are set together (both or neither)")
         return self
+
+    # Cross-field checks as field validators, so the error's location names the field.
+    @field_validator("mask_ratio_hi")
+    @classmethod
+    def _check_ratio_bounds(cls, hi: float | None, info: ValidationInfo) -> float | None:
+        lo = info.data.get("mask_ratio_lo")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"must be above mask_ratio_lo ({lo}), got {hi} (bounds reversed?)")
+        return hi
+
+    @field_validator("reject_threshold")
+    @classmethod
+    def _check_reject_pair(cls, threshold: float | None, info: ValidationInfo) -> float | None:
+        rule = info.data.get("reject_rule")
+        if rule is not None and threshold is None:
+            raise ValueError(f"required when reject_rule is set ({rule})")
+        if rule is None and threshold is not None and "reject_rule" in info.data:
+            raise ValueError("set without reject_rule")
+        return threshold
 
 
 class BatchValidationError(ValueError):

@@ -43,7 +43,7 @@ WEIGHT_LEVEL_SEQUENCE: WeightLevel
 WEIGHT_LEVEL_GEOMETRIC: WeightLevel
 
 class CorrectionConfig(_message.Message):
-    __slots__ = ("mode", "level", "cap", "no_cap", "tau_kl", "beta", "alpha_min", "alpha_max", "fixed_alpha", "veto_threshold", "opsm_kl_threshold")
+    __slots__ = ("mode", "level", "cap", "no_cap", "tau_kl", "beta", "alpha_min", "alpha_max", "fixed_alpha", "veto_threshold", "opsm_kl_threshold", "self_normalize", "mask_ratio_lo", "mask_ratio_hi", "reject_rule", "reject_threshold", "m2po_threshold")
     MODE_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     CAP_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,12 @@ class CorrectionConfig(_message.Message):
     FIXED_ALPHA_FIELD_NUMBER: _ClassVar[int]
     VETO_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     OPSM_KL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SELF_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    MASK_RATIO_LO_FIELD_NUMBER: _ClassVar[int]
+    MASK_RATIO_HI_FIELD_NUMBER: _ClassVar[int]
+    REJECT_RULE_FIELD_NUMBER: _ClassVar[int]
+    REJECT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    M2PO_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     mode: CorrectionMode
     level: WeightLevel
     cap: float
@@ -66,4 +72,10 @@ class CorrectionConfig(_message.Message):
     fixed_alpha: float
     veto_threshold: float
     opsm_kl_threshold: float
-    def __init__(self, mode: _Optional[_Union[CorrectionMode, str]] = ..., level: _Optional[_Union[WeightLevel, str]] = ..., cap: _Optional[float] = ..., no_cap: _Optional[bool] = ..., tau_kl: _Optional[float] = ..., beta: _Optional[float] = ..., alpha_min: _Optional[float] = ..., alpha_max: _Optional[float] = ..., fixed_alpha: _Optional[float] = ..., veto_threshold: _Optional[float] = ..., opsm_kl_threshold: _Optional[float] = ...) -> None: ...
+    self_normalize: bool
+    mask_ratio_lo: float
+    mask_ratio_hi: float
+    reject_rule: str
+    reject_threshold: float
+    m2po_threshold: float
+    def __init__(self, mode: _Optional[_Union[CorrectionMode, str]] = ..., level: _Optional[_Union[WeightLevel, str]] = ..., cap: _Optional[float] = ..., no_cap: _Optional[bool] = ..., tau_kl: _Optional[float] = ..., beta: _Optional[float] = ..., alpha_min: _Optional[float] = ..., alpha_max: _Optional[float] = ..., fixed_alpha: _Optional[float] = ..., veto_threshold: _Optional[float] = ..., opsm_kl_threshold: _Optional[float] = ..., self_normalize: _Optional[bool] = ..., mask_ratio_lo: _Optional[float] = ..., mask_ratio_hi: _Optional[float] = ..., reject_rule: _Optional[str] = ..., reject_threshold: _Optional[float] = ..., m2po_threshold: _Optional[float] = ...) -> None: ...

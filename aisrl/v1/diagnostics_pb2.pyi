@@ -48,7 +48,7 @@ class WeightStats(_message.Message):
     def __init__(self, reliability: _Optional[float] = ..., ess: _Optional[float] = ..., variance_amplification: _Optional[float] = ..., penalty: _Optional[float] = ..., weight_mean: _Optional[float] = ..., weight_min: _Optional[float] = ..., weight_max: _Optional[float] = ...) -> None: ...
 
 class CoefficientResult(_message.Message):
-    __slots__ = ("run_id", "step", "policy_version", "mode", "level", "n_tokens", "n_sequences", "alpha", "alpha_raw", "alpha_ema", "alpha_ais", "kl", "severity", "applied", "raw", "kl_k1", "chi2_token", "chi2_sequence", "ppl_ratio", "frac_truncated", "frac_masked", "frac_vetoed", "frac_opsm", "warnings", "computed_unix", "compute_ms", "computed_locally")
+    __slots__ = ("run_id", "step", "policy_version", "mode", "level", "n_tokens", "n_sequences", "alpha", "alpha_raw", "alpha_ema", "alpha_ais", "kl", "severity", "applied", "raw", "kl_k1", "chi2_token", "chi2_sequence", "ppl_ratio", "frac_truncated", "frac_masked", "frac_vetoed", "frac_opsm", "warnings", "computed_unix", "compute_ms", "computed_locally", "frac_mask_low", "frac_mask_high", "frac_rejected", "frac_m2po", "frac_kept", "weight_std", "loss_weight_mean", "ess_sequence", "m2")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,15 @@ class CoefficientResult(_message.Message):
     COMPUTED_UNIX_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_LOCALLY_FIELD_NUMBER: _ClassVar[int]
+    FRAC_MASK_LOW_FIELD_NUMBER: _ClassVar[int]
+    FRAC_MASK_HIGH_FIELD_NUMBER: _ClassVar[int]
+    FRAC_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    FRAC_M2PO_FIELD_NUMBER: _ClassVar[int]
+    FRAC_KEPT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_STD_FIELD_NUMBER: _ClassVar[int]
+    LOSS_WEIGHT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    ESS_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    M2_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     policy_version: int
@@ -103,7 +112,16 @@ class CoefficientResult(_message.Message):
     computed_unix: float
     compute_ms: float
     computed_locally: bool
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.CorrectionMode, str]] = ..., level: _Optional[_Union[_common_pb2.WeightLevel, str]] = ..., n_tokens: _Optional[int] = ..., n_sequences: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_raw: _Optional[float] = ..., alpha_ema: _Optional[float] = ..., alpha_ais: _Optional[float] = ..., kl: _Optional[float] = ..., severity: _Optional[float] = ..., applied: _Optional[_Union[WeightStats, _Mapping]] = ..., raw: _Optional[_Union[WeightStats, _Mapping]] = ..., kl_k1: _Optional[float] = ..., chi2_token: _Optional[float] = ..., chi2_sequence: _Optional[float] = ..., ppl_ratio: _Optional[float] = ..., frac_truncated: _Optional[float] = ..., frac_masked: _Optional[float] = ..., frac_vetoed: _Optional[float] = ..., frac_opsm: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., computed_unix: _Optional[float] = ..., compute_ms: _Optional[float] = ..., computed_locally: _Optional[bool] = ...) -> None: ...
+    frac_mask_low: float
+    frac_mask_high: float
+    frac_rejected: float
+    frac_m2po: float
+    frac_kept: float
+    weight_std: float
+    loss_weight_mean: float
+    ess_sequence: float
+    m2: float
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.CorrectionMode, str]] = ..., level: _Optional[_Union[_common_pb2.WeightLevel, str]] = ..., n_tokens: _Optional[int] = ..., n_sequences: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_raw: _Optional[float] = ..., alpha_ema: _Optional[float] = ..., alpha_ais: _Optional[float] = ..., kl: _Optional[float] = ..., severity: _Optional[float] = ..., applied: _Optional[_Union[WeightStats, _Mapping]] = ..., raw: _Optional[_Union[WeightStats, _Mapping]] = ..., kl_k1: _Optional[float] = ..., chi2_token: _Optional[float] = ..., chi2_sequence: _Optional[float] = ..., ppl_ratio: _Optional[float] = ..., frac_truncated: _Optional[float] = ..., frac_masked: _Optional[float] = ..., frac_vetoed: _Optional[float] = ..., frac_opsm: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., computed_unix: _Optional[float] = ..., compute_ms: _Optional[float] = ..., computed_locally: _Optional[bool] = ..., frac_mask_low: _Optional[float] = ..., frac_mask_high: _Optional[float] = ..., frac_rejected: _Optional[float] = ..., frac_m2po: _Optional[float] = ..., frac_kept: _Optional[float] = ..., weight_std: _Optional[float] = ..., loss_weight_mean: _Optional[float] = ..., ess_sequence: _Optional[float] = ..., m2: _Optional[float] = ...) -> None: ...
 
 class GetLatestRequest(_message.Message):
     __slots__ = ("run_id",)

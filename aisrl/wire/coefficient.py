@@ -9,6 +9,7 @@ bytes on the wire and float64 in the core.
 from __future__ import annotations
 
 from dataclasses import asdict
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,9 @@ _LEVEL_TO_PB = {
     WeightLevel.GEOMETRIC: common_pb2.WEIGHT_LEVEL_GEOMETRIC,
 }
 _LEVEL_FROM_PB = {v: k for k, v in _LEVEL_TO_PB.items()} | {common_pb2.WEIGHT_LEVEL_UNSPECIFIED: WeightLevel.TOKEN}
-_OPTIONAL_FLOATS = ("tau_kl", "beta", "alpha_min", "alpha_max", "fixed_alpha", "veto_threshold", "opsm_kl_threshold")
+# Every other config field travels as a proto3 `optional` of the same name (enums as their string
+# value), so a field added to CorrectionConfig needs only its proto line (test_proto checks both agree).
+_OPTIONAL_FIELDS = tuple(name for name in CorrectionConfig.model_fields if name not in ("mode", "level", "cap"))
 
 
 def config_error(exc: ValidationError, prefix: str = "config") -> BatchValidationError:
@@ -60,7 +63,7 @@ def config_from_pb(pb: common_pb2.CorrectionConfig) -> CorrectionConfig:
         fields["cap"] = None
     elif pb.HasField("cap"):
         fields["cap"] = pb.cap
-    for name in _OPTIONAL_FLOATS:
+    for name in _OPTIONAL_FIELDS:
         if pb.HasField(name):
             fields[name] = getattr(pb, name)
     try:
@@ -75,10 +78,10 @@ def config_to_pb(config: CorrectionConfig) -> common_pb2.CorrectionConfig:
         pb.no_cap = True
     else:
         pb.cap = config.cap
-    for name in _OPTIONAL_FLOATS:
+    for name in _OPTIONAL_FIELDS:
         value = getattr(config, name)
         if value is not None:
-            setattr(pb, name, value)
+            setattr(pb, name, value.value if isinstance(value, StrEnum) else value)
     return pb
 
 
@@ -147,6 +150,7 @@ def result_fields(result: CoefficientResult) -> dict[str, Any]:
         "frac_masked": result.frac_masked,
         "frac_vetoed": result.frac_vetoed,
         "frac_opsm": result.frac_opsm,
+        **asdict(result.corrections),
         "warnings": list(result.warnings),
     }
 

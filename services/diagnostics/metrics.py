@@ -10,9 +10,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# The per-run gauges exported for the latest batch of each run.
+from aisrl.core.types import CORRECTION_STAT_FIELDS
+
+# The per-run gauges exported for the latest batch of each run (alpha_ais: the shadow alpha, what
+# ais mode would use, in every mode), then every CorrectionStats field.
 GAUGED_FIELDS = (
     "alpha",
+    "alpha_ais",
     "alpha_raw",
     "reliability",
     "ess",
@@ -24,6 +28,9 @@ GAUGED_FIELDS = (
     "chi2_token",
     "frac_truncated",
     "frac_masked",
+    "frac_vetoed",
+    "frac_opsm",
+    *CORRECTION_STAT_FIELDS,
 )
 
 

@@ -7,11 +7,12 @@ rather than ignored, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from aisrl.core.types import CorrectionConfig
+from aisrl.core.types import CorrectionConfig, CorrectionStats
 
 CoefficientConfigIn = create_model(
     "CoefficientConfig",
@@ -42,9 +43,7 @@ class WeightStatsOut(BaseModel):
     weight_max: float
 
 
-class CoefficientOut(BaseModel):
-    """The coefficient and every diagnostic; top-level statistics are on the applied (truncated) weights."""
-
+class _CoefficientFields(BaseModel):
     mode: str
     level: str
     n_tokens: int
@@ -52,7 +51,9 @@ class CoefficientOut(BaseModel):
     alpha: float = Field(description="Coefficient the loss uses in this mode.")
     alpha_raw: float = Field(description="s * rho * p, before smoothing and bounds (computed in every mode).")
     alpha_ema: float = Field(description="EMA of alpha_raw (equals alpha_raw without smoothing).")
-    alpha_ais: float = Field(description="clip(alpha_ema, alpha_min, alpha_max): what ais mode uses.")
+    alpha_ais: float = Field(
+        description="Shadow alpha: clip(alpha_ema, alpha_min, alpha_max), what ais mode uses (computed in every mode)."
+    )
     reliability: float = Field(description="rho = ESS / N on the applied weights.")
     ess: float
     severity: float = Field(description="s = 1 - exp(-kl / tau_kl).")
@@ -73,7 +74,15 @@ class CoefficientOut(BaseModel):
     compute_ms: float
 
 
-class BatchRecordOut(CoefficientOut):
+CoefficientOut = create_model(
+    "CoefficientOut",
+    __base__=_CoefficientFields,
+    __doc__="The coefficient and every diagnostic; top-level statistics are on the applied (truncated) weights.",
+    **{f.name: (float, Field(description=f.metadata["doc"])) for f in dataclass_fields(CorrectionStats)},
+)
+
+
+class BatchRecordOut(CoefficientOut):  # type: ignore[valid-type,misc]
     """A batch recorded under a run."""
 
     run_id: str

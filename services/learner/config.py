@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from aisrl.core.types import CorrectionConfig, CorrectionMode, WeightLevel
+from aisrl.core.types import CorrectionConfig, CorrectionMode, RejectRule, WeightLevel
 from aisrl.settings import CommonSettings, json_object_option
 from aisrl.streams import DEFAULT_PREFIX, RUN_ID_PATTERN
 
@@ -23,6 +23,27 @@ _CORR = CorrectionConfig.model_fields
 
 def _field(name: str) -> Any:
     return copy.copy(_CORR[name])
+
+
+# CorrectionConfig field -> the learner setting that carries it (every field has one; a test checks).
+CORRECTION_SETTINGS = {
+    "mode": "correction_mode",
+    "level": "correction_level",
+    "cap": "correction_cap",
+    "tau_kl": "ais_tau_kl",
+    "beta": "ais_beta",
+    "alpha_min": "ais_alpha_min",
+    "alpha_max": "ais_alpha_max",
+    "fixed_alpha": "fixed_alpha",
+    "veto_threshold": "veto_threshold",
+    "opsm_kl_threshold": "opsm_kl_threshold",
+    "self_normalize": "correction_self_normalize",
+    "mask_ratio_lo": "correction_mask_ratio_lo",
+    "mask_ratio_hi": "correction_mask_ratio_hi",
+    "reject_rule": "correction_reject_rule",
+    "reject_threshold": "correction_reject_threshold",
+    "m2po_threshold": "correction_m2po_threshold",
+}
 
 
 class LearnerSettings(CommonSettings):
@@ -93,6 +114,12 @@ class LearnerSettings(CommonSettings):
     fixed_alpha: float = _field("fixed_alpha")
     veto_threshold: float | None = _field("veto_threshold")
     opsm_kl_threshold: float | None = _field("opsm_kl_threshold")
+    correction_self_normalize: bool = _field("self_normalize")
+    correction_mask_ratio_lo: float | None = _field("mask_ratio_lo")
+    correction_mask_ratio_hi: float | None = _field("mask_ratio_hi")
+    correction_reject_rule: RejectRule | None = _field("reject_rule")
+    correction_reject_threshold: float | None = _field("reject_threshold")
+    correction_m2po_threshold: float | None = _field("m2po_threshold")
 
     # -- diagnostics service
     diagnostics_target: str | None = Field(
@@ -165,18 +192,12 @@ class LearnerSettings(CommonSettings):
         return self
 
     def correction_config(self) -> CorrectionConfig:
-        return CorrectionConfig(
-            mode=self.correction_mode,
-            level=self.correction_level,
-            cap=self.correction_cap,
-            tau_kl=self.ais_tau_kl,
-            beta=self.ais_beta,
-            alpha_min=self.ais_alpha_min,
-            alpha_max=self.ais_alpha_max,
-            fixed_alpha=self.fixed_alpha,
-            veto_threshold=self.veto_threshold,
-            opsm_kl_threshold=self.opsm_kl_threshold,
-        )
+        try:
+            return CorrectionConfig(**{name: getattr(self, setting) for name, setting in CORRECTION_SETTINGS.items()})
+        except ValidationError as exc:  # name the learner's own setting, not the core field
+            err = exc.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else ""
+            raise ValueError(f"{CORRECTION_SETTINGS.get(name, 'correction')}: {err['msg']}") from None
 
     def weights_endpoint(self, port: int) -> str:
         """host:port that rollout workers fetch weights from."""

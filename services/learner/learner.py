@@ -67,6 +67,8 @@ class StepRecord:
     tokens: int
     reward_mean: float
     alpha: float
+    alpha_ais: float  # the shadow alpha: what ais mode would use on this batch, in every mode
+    frac_masked: float  # share of tokens masked out of the loss (every mask together)
     computed_locally: bool
     kl: float
     loss: float | None
@@ -331,6 +333,7 @@ class Learner:
         record = StepRecord(
             step=self.step, version=self.version, groups=len(batch.groups), tokens=tokens,
             reward_mean=float(np.mean(prepared.rewards)), alpha=coef.alpha, computed_locally=coef.computed_locally,
+            alpha_ais=float(coef.record["alpha_ais"]), frac_masked=float(coef.record["frac_masked"]),
             kl=float(coef.record["kl"]), loss=stats.loss if stats else None,
             grad_norm=stats.grad_norm if stats else None, skipped=stats is None, stale=batch.stale,
             staleness_max=max(batch.staleness, default=0),
@@ -343,6 +346,8 @@ class Learner:
         m.version.set(self.version)
         m.reward.set(record.reward_mean)
         m.alpha.set(record.alpha)
+        m.alpha_ais.set(record.alpha_ais)
+        m.frac_masked.set(record.frac_masked)
         m.kl.set(record.kl)
         m.tokens.inc(tokens)
         if stats:
@@ -355,7 +360,8 @@ class Learner:
         self.last_record = record
         fields = log_fields(
             step=record.step, version=record.version, reward=round(record.reward_mean, 4),
-            alpha=round(record.alpha, 4), local=record.computed_locally, kl=f"{record.kl:.3g}",
+            alpha=round(record.alpha, 4), alpha_ais=round(record.alpha_ais, 4),
+            frac_masked=round(record.frac_masked, 4), local=record.computed_locally, kl=f"{record.kl:.3g}",
             loss=None if stats is None else round(stats.loss, 5), tokens=tokens,
             grad_norm=None if stats is None else round(stats.grad_norm, 4), tok_s=round(record.tokens_per_second),
             stale=record.stale, skipped=record.skipped, seconds=record.seconds,

@@ -21,6 +21,12 @@ class LearnerMetrics:
         self.accuracy = Gauge("aisrl_learner_accuracy", "Held-out accuracy of the latest evaluation", ["kind"],
                               registry=r)  # fmt: skip
         self.alpha = Gauge("aisrl_learner_alpha", "AIS mixing coefficient used by the latest step", registry=r)
+        self.alpha_ais = Gauge(
+            "aisrl_learner_alpha_ais", "Shadow alpha: what ais mode would use on the latest batch", registry=r
+        )
+        self.frac_masked = Gauge(
+            "aisrl_learner_frac_masked", "Share of the latest batch's tokens masked out of the loss", registry=r
+        )
         self.kl = Gauge("aisrl_learner_kl", "k3 KL(mu || pi) of the latest batch", registry=r)
         self.loss = Gauge("aisrl_learner_loss", "Mixed PPO-clip loss of the latest step (first minibatch)", registry=r)
         self.grad_norm = Gauge("aisrl_learner_grad_norm", "Gradient norm before clipping, latest update", registry=r)

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aisrl.core.ais import applied_weights, carried_weights, log_ratios
+from aisrl.core.corrections import loss_weights
 from aisrl.core.grpo import PPOStats, expand_to_tokens, group_advantages, mixed_ppo_loss, ppo_stats
 from aisrl.core.types import CorrectionConfig, MismatchArrays
+from aisrl.core.weights import log_ratios
 from aisrl.services.learner.groups import Group
 
 
@@ -90,16 +91,15 @@ class UpdateStats:
 
 
 def token_coefficients(arrays: MismatchArrays, config: CorrectionConfig, alpha: float, keep: np.ndarray) -> np.ndarray:
-    """c_i = (1 - alpha) + alpha * min(w_i, C) on kept tokens, 0 elsewhere (DESIGN §2), for any alpha.
+    """c_i = (1 - alpha) + alpha * wt_i on kept tokens, 0 elsewhere (DESIGN §2), for any alpha.
 
-    The diagnostics service answers with alpha and statistics only; the masks (mis, veto, opsm) do
-    not depend on alpha, so they come from the local computation and this function applies alpha.
+    wt_i = min(w_i, C), self-normalized over the kept tokens when the config says so. The diagnostics
+    service answers with alpha and statistics only; the masks (mis, veto, opsm, IcePop, rejection,
+    M2PO) do not depend on alpha, so they come from the local computation and this function applies alpha.
     """
     if not 0.0 <= alpha <= 1.0 or not math.isfinite(alpha):
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    wt = applied_weights(
-        carried_weights(log_ratios(arrays.lp_pi, arrays.lp_mu), arrays.lengths, config.level), config.cap
-    )
+    wt = loss_weights(log_ratios(arrays.lp_pi, arrays.lp_mu), arrays.lengths, config, keep)
     return np.where(keep, (1.0 - alpha) + alpha * wt, 0.0)
 
 
