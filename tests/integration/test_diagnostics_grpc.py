@@ -11,11 +11,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aisrl.core.ais import compute_coefficient
 from aisrl.core.synthetic import synthetic_batch
-from aisrl.core.types import CorrectionConfig, CorrectionMode, MismatchArrays, WeightLevel
+from aisrl.core.types import CORRECTION_STAT_FIELDS, CorrectionConfig, CorrectionMode, MismatchArrays, WeightLevel
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 from aisrl.services.diagnostics.main import start_diagnostics
 from aisrl.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 from aisrl.wire.coefficient import batch_to_pb
+from tests.correction_cases import CORRECTION_CASES
 
 
 @pytest.fixture
@@ -58,6 +59,19 @@ async def test_compute_matches_core_for_every_mode_and_level(stub, mode, level):
     assert got.kl == pytest.approx(want.kl, rel=1e-12)
     assert got.frac_masked == pytest.approx(want.frac_masked)
     assert got.n_tokens == want.n_tokens and got.run_id == "r" and got.step == 1
+
+
+@pytest.mark.parametrize("name", list(CORRECTION_CASES))
+async def test_every_correction_matches_core_and_is_recorded(stub, name):
+    arrays = synthetic_batch(n_sequences=16, mean_length=20, mismatch=0.3, seed=5)
+    config = CorrectionConfig(**CORRECTION_CASES[name])
+    got = await stub.ComputeCoefficient(batch_to_pb(arrays, config, run_id="c", step=1), timeout=10)
+    want = compute_coefficient(_f32(arrays), config)
+    for field in CORRECTION_STAT_FIELDS:
+        assert getattr(got, field) == pytest.approx(getattr(want.corrections, field), rel=1e-12, abs=1e-300), field
+    assert got.frac_masked == pytest.approx(want.frac_masked) and got.alpha_ais == pytest.approx(want.alpha_ais)
+    latest = await stub.GetLatest(diagnostics_pb2.GetLatestRequest(run_id="c"), timeout=10)
+    assert latest.frac_kept == got.frac_kept and latest.weight_std == got.weight_std
 
 
 async def test_records_history_and_serves_latest(stub):
@@ -133,6 +147,11 @@ def _bad_batches():
         ("alpha_min", variant(config_alpha_min=0.9, config_alpha_max=0.1)),
         ("config.tau_kl", variant(config_tau_kl=-1.0)),
         ("config.mode", variant(config_mode=42)),
+        ("config.mask_ratio_hi", variant(config_mask_ratio_lo=3.0, config_mask_ratio_hi=2.0)),
+        ("config.reject_rule", variant(config_reject_rule="token_k4", config_reject_threshold=1.0)),
+        ("config.reject_threshold", variant(config_reject_rule="token_k1")),
+        ("config.reject_threshold", variant(config_reject_rule="token_k1", config_reject_threshold=-2.0)),
+        ("config.m2po_threshold", variant(config_m2po_threshold=math.nan)),
     ]
 
 

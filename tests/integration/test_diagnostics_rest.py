@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zlib
 
 import grpc
@@ -12,13 +13,14 @@ import pytest
 
 from aisrl.core.ais import arrays_from_ragged, compute_coefficient
 from aisrl.core.synthetic import synthetic_batch
-from aisrl.core.types import CorrectionConfig, CorrectionMode, WeightLevel
+from aisrl.core.types import CORRECTION_STAT_FIELDS, CorrectionConfig, CorrectionMode, WeightLevel
 from aisrl.redis_conn import start_embedded_redis
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 from aisrl.services.diagnostics.dashboard import CHARTS
 from aisrl.services.diagnostics.main import start_diagnostics
 from aisrl.v1 import diagnostics_pb2_grpc
 from aisrl.wire.coefficient import batch_to_pb
+from tests.correction_cases import CORRECTION_CASES
 
 
 @pytest.fixture
@@ -89,6 +91,41 @@ def _bad_bodies():
             "config",
         ),
         ("cap", {"lp_pi": lp_pi, "lp_mu": lp_mu, "advantages": adv, "config": {"cap": -1}}, "config.cap"),
+        (
+            "reversed ratio bounds",
+            {"lp_pi": lp_pi, "lp_mu": lp_mu, "advantages": adv, "config": {"mask_ratio_lo": 2.0, "mask_ratio_hi": 0.5}},
+            "config.mask_ratio_hi",
+        ),
+        (
+            "negative m2po",
+            {"lp_pi": lp_pi, "lp_mu": lp_mu, "advantages": adv, "config": {"m2po_threshold": -0.1}},
+            "config.m2po_threshold",
+        ),
+        (
+            "unknown reject rule",
+            {
+                "lp_pi": lp_pi,
+                "lp_mu": lp_mu,
+                "advantages": adv,
+                "config": {"reject_rule": "seq_max_k1", "reject_threshold": 1.0},
+            },
+            "config.reject_rule",
+        ),
+        (
+            "rule without threshold",
+            {"lp_pi": lp_pi, "lp_mu": lp_mu, "advantages": adv, "config": {"reject_rule": "token_k2"}},
+            "config.reject_threshold",
+        ),
+        (
+            "negative reject threshold",
+            {
+                "lp_pi": lp_pi,
+                "lp_mu": lp_mu,
+                "advantages": adv,
+                "config": {"reject_rule": "token_k2", "reject_threshold": -1},
+            },
+            "config.reject_threshold",
+        ),
         ("type", {"lp_pi": "nope", "lp_mu": lp_mu, "advantages": adv}, "lp_pi"),
         ("missing", {"lp_pi": lp_pi, "advantages": adv}, "lp_mu"),
     ]
@@ -101,6 +138,29 @@ async def test_bad_input_is_a_4xx_naming_the_field(http, case, body, field):
     error = reply.json()
     assert error["field"].startswith(field), error
     assert error["error"]
+
+
+@pytest.mark.parametrize("name", list(CORRECTION_CASES))
+async def test_every_correction_matches_core(http, name):
+    lp_pi, lp_mu, adv = _ragged(seed=zlib.crc32(name.encode()), n=8)
+    reply = await http.post("/v1/coefficient", json={"lp_pi": lp_pi, "lp_mu": lp_mu, "advantages": adv,
+                                                     "config": CORRECTION_CASES[name]})  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    got = reply.json()
+    want = compute_coefficient(arrays_from_ragged(lp_pi, lp_mu, adv), CorrectionConfig(**CORRECTION_CASES[name]))
+    for field in CORRECTION_STAT_FIELDS:
+        assert got[field] == pytest.approx(getattr(want.corrections, field), rel=1e-12, abs=1e-300), field
+    assert got["frac_masked"] == pytest.approx(want.frac_masked) and got["alpha_ais"] == pytest.approx(want.alpha_ais)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_config_values_are_rejected(http, literal):
+    lp_pi, lp_mu, adv = _ragged(3)
+    text = json.dumps({"lp_pi": lp_pi, "lp_mu": lp_mu, "advantages": adv, "config": {"mask_ratio_hi": 12345.5}})
+    reply = await http.post("/v1/coefficient", content=text.replace("12345.5", literal),
+                            headers={"content-type": "application/json"})  # fmt: skip
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["field"] == "config.mask_ratio_hi"
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -119,11 +179,11 @@ async def test_malformed_json_is_a_4xx(http):
     assert reply.json()["error"]
 
 
-async def _record(service, run_id: str, steps: range) -> None:
+async def _record(service, run_id: str, steps: range, config: CorrectionConfig | None = None) -> None:
     async with grpc.aio.insecure_channel(service.grpc_target) as channel:
         stub = diagnostics_pb2_grpc.DiagnosticsStub(channel)
         for step in steps:
-            batch = batch_to_pb(synthetic_batch(mismatch=0.01 * (step + 1), seed=step), CorrectionConfig(),
+            batch = batch_to_pb(synthetic_batch(mismatch=0.01 * (step + 1), seed=step), config or CorrectionConfig(),
                                 run_id=run_id, step=step)  # fmt: skip
             await stub.ComputeCoefficient(batch, timeout=10)
 
@@ -163,6 +223,26 @@ async def test_dashboard_is_html_with_charts(service, http):
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from outside
 
 
+def _polyline_ys(page: str, label: str) -> list[float]:
+    """The y coordinates of the dashboard line titled `label`."""
+    match = re.search(r'points="([^"]+)"><title>' + re.escape(label) + "</title>", page)
+    assert match, f"no line labelled {label!r}"
+    return [float(p.split(",")[1]) for p in match.group(1).split()]
+
+
+async def test_none_run_dashboard_draws_the_shadow_alpha_over_time(service, http):
+    """In a `none` run the applied alpha is a flat 0; the shadow alpha (what ais would use) is drawn beside it."""
+    await _record(service, "plain", range(6), CorrectionConfig(mode="none", tau_kl=0.05))
+    records = (await http.get("/v1/runs/plain/batches")).json()["batches"]
+    assert all(r["alpha"] == 0.0 for r in records) and len({r["alpha_ais"] for r in records}) == 6
+    page = (await http.get("/v1/runs/plain/dashboard")).text
+    applied, shadow = _polyline_ys(page, "applied alpha"), _polyline_ys(page, "shadow alpha (ais)")
+    assert len(applied) == len(shadow) == 6
+    assert len(set(applied)) == 1 and len(set(shadow)) > 3  # flat applied alpha; the shadow alpha moves
+    assert max(shadow) < applied[0]  # drawn above 0 (SVG y grows downwards)
+    assert 'class="legend">shadow alpha (ais)</text>' in page and "<th>alpha_ais</th>" in page
+
+
 async def test_health_readiness_metrics_and_openapi(service, http):
     await _record(service, "metered", range(2))
     assert (await http.get("/healthz")).json() == {"status": "ok"}
@@ -171,6 +251,8 @@ async def test_health_readiness_metrics_and_openapi(service, http):
     metrics = (await http.get("/metrics")).text
     assert 'aisrl_diag_alpha{run="metered"}' in metrics
     assert 'aisrl_diag_kl{run="metered"}' in metrics
+    for name in ("alpha_ais", "frac_vetoed", *CORRECTION_STAT_FIELDS):
+        assert f'aisrl_diag_{name}{{run="metered"}}' in metrics, name
     assert "aisrl_diag_compute_seconds_bucket" in metrics
     assert "aisrl_diag_requests_total" in metrics
     assert (await http.get("/docs")).status_code == 200

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from aisrl.core.types import CorrectionConfig, CorrectionMode, WeightLevel
+from aisrl.core.types import (
+    CORRECTION_STAT_FIELDS,
+    BatchValidationError,
+    CorrectionConfig,
+    CorrectionMode,
+    WeightLevel,
+)
 from aisrl.protogen import REPO_ROOT, generate
 from aisrl.v1 import common_pb2, diagnostics_pb2, rollout_pb2, weights_pb2
 from aisrl.wire.coefficient import (
@@ -19,6 +25,7 @@ from aisrl.wire.coefficient import (
     record_from_pb,
     record_to_pb,
 )
+from tests.correction_cases import CORRECTION_CASES
 
 MODULES = (common_pb2, rollout_pb2, weights_pb2, diagnostics_pb2)
 ALL_MESSAGES = [getattr(module, name) for module in MODULES for name in module.DESCRIPTOR.message_types_by_name]
@@ -91,6 +98,36 @@ def test_correction_config_round_trips(mode, level, cap):
     assert config_from_pb(config_to_pb(config)) == config
 
 
+@pytest.mark.parametrize("name", list(CORRECTION_CASES))
+def test_every_correction_round_trips(name):
+    config = CorrectionConfig(**CORRECTION_CASES[name])
+    assert config_from_pb(common_pb2.CorrectionConfig.FromString(config_to_pb(config).SerializeToString())) == config
+
+
+def test_proto_mirrors_the_core_declarations():
+    """One declaration each: every CorrectionConfig field is a CorrectionConfig proto field (cap also as no_cap),
+    every CorrectionStats field a CoefficientResult field, so nothing is added to one side only."""
+    config_fields = {f.name for f in common_pb2.CorrectionConfig.DESCRIPTOR.fields}
+    assert config_fields == set(CorrectionConfig.model_fields) | {"no_cap"}
+    result_fields = {f.name for f in diagnostics_pb2.CoefficientResult.DESCRIPTOR.fields}
+    assert set(CORRECTION_STAT_FIELDS) <= result_fields
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"reject_rule": "seq_max_k9", "reject_threshold": 1.0}, "config.reject_rule"),
+        ({"mask_ratio_lo": 2.0, "mask_ratio_hi": 1.0}, "config.mask_ratio_hi"),
+        ({"m2po_threshold": -1.0}, "config.m2po_threshold"),
+        ({"reject_rule": "token_k3"}, "config.reject_threshold"),
+    ],
+)
+def test_bad_correction_fields_name_the_field(change, field):
+    with pytest.raises(BatchValidationError) as err:
+        config_from_pb(common_pb2.CorrectionConfig(**change))
+    assert err.value.field == field
+
+
 def test_unset_config_takes_design_defaults():
     assert config_from_pb(common_pb2.CorrectionConfig()) == CorrectionConfig()
 
@@ -122,6 +159,7 @@ def test_coefficient_record_round_trips():
         "n_tokens": 10, "n_sequences": 2, "alpha": 1.0, "alpha_raw": 0.2, "alpha_ema": 0.2, "alpha_ais": 0.2,
         "kl": 0.01, "severity": 0.9, "kl_k1": 0.009, "chi2_token": 0.1, "chi2_sequence": 0.3, "ppl_ratio": 1.01,
         "frac_truncated": 0.1, "frac_masked": 0.0, "frac_vetoed": 0.0, "frac_opsm": 0.0, "warnings": ["w"],
+        **{name: 0.125 * (k + 1) for k, name in enumerate(CORRECTION_STAT_FIELDS)},
         "computed_unix": 1.5, "compute_ms": 0.1, "computed_locally": True,
         "applied": {"reliability": 0.8, "ess": 8.0, "variance_amplification": 1.2, "penalty": 1 / 1.2,
                     "weight_mean": 1.0, "weight_min": 0.5, "weight_max": 2.0},
