@@ -197,7 +197,8 @@ class LearnerSettings(CommonSettings):
         except ValidationError as exc:  # name the learner's own setting, not the core field
             err = exc.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else ""
-            raise ValueError(f"{CORRECTION_SETTINGS.get(name, 'correction')}: {err['msg']}") from None
+            message = err.get("ctx", {}).get("error", err["msg"])  # without pydantic's "Value error, " prefix
+            raise ValueError(f"{CORRECTION_SETTINGS.get(name, 'correction')}: {message}") from None
 
     def weights_endpoint(self, port: int) -> str:
         """host:port that rollout workers fetch weights from."""

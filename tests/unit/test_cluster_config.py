@@ -110,3 +110,18 @@ def test_up_options_are_derived_and_a_bad_config_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "services.rollout.engin" in result.output
     result = CliRunner().invoke(app, ["demo", "--help"], env=wide)
     assert result.exit_code == 0 and "--diagnostics-only" in result.output
+
+
+def test_learner_section_takes_every_correction_option(tmp_path):
+    """The commented correction options of the shipped cluster.yaml are real settings with valid values."""
+    shipped = DEFAULT_CONFIG.read_text()
+    options = [line.strip().lstrip("# ").split("#")[0].strip() for line in shipped.splitlines()
+               if line.strip().startswith("# correction_")]  # fmt: skip
+    assert len(options) == 6, options
+    path = write(tmp_path, "services:\n  learner:\n" + "".join(f"    {o}\n" for o in options))
+    learner = load_cluster_settings(path).services.learner
+    config = SERVICE_SETTINGS["learner"](**learner).correction_config()
+    assert config.mask_ratio_lo == 0.5 and config.reject_rule == "seq_mean_k3" and config.self_normalize
+    bad = write(tmp_path, "services:\n  learner:\n    correction_reject_threshold: -1\n")
+    with pytest.raises(SettingsError, match=r"services\.learner\.correction_reject_threshold"):
+        load_cluster_settings(bad)

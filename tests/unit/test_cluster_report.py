@@ -139,3 +139,23 @@ def test_rolling_mean():
 
     assert rolling_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert rolling_mean([], 5) == []
+
+
+def test_shadow_alpha_is_reported_and_drawn_beside_the_applied_alpha():
+    """A `none` run applies alpha = 0; report.json carries the shadow alpha per step (from diagnostics, else
+    from the learner's step event) and ais.png draws both lines, labelled."""
+    from aisrl.cluster.report import plot_ais
+
+    steps = [{"step": s, "alpha": 0.0, "alpha_ais": 0.1 * s, "frac_masked": 0.0, "reward": 0.5} for s in (1, 2, 3)]
+    diag = [{"step": 1, "alpha_ais": 0.15, "frac_masked": 0.25, "weight_std": 0.3, "ess_sequence": 7.5}]
+    rows = per_step_rows(steps, diag)
+    assert [r["alpha_ais"] for r in rows] == [0.15, 0.2, 0.30000000000000004]
+    assert rows[0]["frac_masked"] == 0.25 and rows[0]["weight_std"] == 0.3 and rows[1]["weight_std"] is None
+    common = {"run_id": "r", "outcome": "finished", "error": None, "settings": {}, "services": {},
+              "evals": [], "initial_eval": None, "timings": {}}  # fmt: skip
+    fig = plot_ais(build_summary(**common, steps=steps, batches=diag))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["applied alpha (used by the loss)"].get_ydata()) == [0.0, 0.0, 0.0]
+    assert list(lines["shadow alpha (what ais would use)"].get_ydata()) == [r["alpha_ais"] for r in rows]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "shadow alpha (what ais would use)" in legend and "applied alpha (used by the loss)" in legend
