@@ -9,14 +9,14 @@ own (a token may count under several), M2PO runs last, on the tokens every other
 
 Definitions, for delta_i = clamp(lp_pi_i - lp_mu_i, -20, 20) and token ratio exp(delta_i):
 
-- IcePop (Ring-1T, arXiv 2510.18855, section "IcePop"): keep tokens with ratio in
+- IcePop (the Ring-1T technical report, section "IcePop"): keep tokens with ratio in
   [mask_ratio_lo, mask_ratio_hi] (either bound optional).
 - Divergence rejection (verl, docs/algo/rollout_corr.md, "Rejection sampling" / rollout_rs options):
   token divergences k1 = -delta, k2 = delta^2 / 2, k3 = exp(delta) - 1 - delta; `token_*` drops a
   token whose divergence exceeds the threshold, `seq_{sum,mean,max}_*` drops every token of a
   sequence whose sum / mean / max exceeds it. k1 is signed: its rules drop |aggregate| > threshold
   (verl's symmetric ratio bounds [1/U, U] with U = exp(threshold)).
-- M2PO (Zheng et al. 2025, arXiv 2510.01161, section 4 "M2PO"; AReaL's `m2_threshold`): among the
+- M2PO (Zheng et al. 2025, "Prosperity before Collapse"; AReaL's `m2_threshold`): among the
   kept tokens, mask those with the largest delta^2 until mean(delta^2) over the remaining ones is
   at most m2po_threshold (ties: the later token goes first). An empty remainder satisfies it.
 - Self-normalized IS: applied weights wt = min(w, C) divided by their mean over the kept tokens
