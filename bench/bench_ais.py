@@ -4,7 +4,8 @@ Prints the median and p90 wall time and the ratio to a bare `np.exp` over an arr
 token count, timed interleaved with it in the same run (the one transcendental call per token
 that any implementation must make, so the ratio says how much the rest costs). Two regimes: an
 FP8-like mismatch (no weight reaches the cap) and a heavy one (about 20% of the tokens truncated,
-with mis, veto and off-policy sequence masking at work). Nothing is asserted.
+with mis, veto and off-policy sequence masking at work), and the heavy one with IcePop, divergence
+rejection and M2PO under AIS. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ REGIMES = {
     # name: (logprob noise of the synthetic batch, config fields)
     "fp8-like ais": (0.05, {"mode": CorrectionMode.AIS}),
     "heavy mis+veto+opsm": (0.5, {"mode": CorrectionMode.MIS, "veto_threshold": 0.25, "opsm_kl_threshold": 0.0}),
+    # The composable corrections (docs/corrections.md): explicit per-token masks, M2PO sorts its large tokens.
+    "heavy ais+icepop+reject+m2po": (0.5, {"mode": CorrectionMode.AIS, "mask_ratio_lo": 0.5, "mask_ratio_hi": 2.0,
+                                            "reject_rule": "seq_max_k3", "reject_threshold": 5.0,
+                                            "m2po_threshold": 0.1}),
 }
 
 

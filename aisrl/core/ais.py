@@ -525,8 +525,10 @@ def compute_coefficient(
     ess_seq = min(float(w_seq.sum()) ** 2 / float(np.dot(w_seq, w_seq)), float(n_seq))
     if needs_token_pass(config) or seq_masking:
         # The general path: every mask and the loss weights on explicit per-token arrays.
-        outcome = apply_corrections(log_ratios(lp_pi, lp_mu), lengths, config,
-                                    np.repeat(seq_keep, lengths) if seq_masking else None)  # fmt: skip
+        # Token level: the sweep's weights are exp of the clamped deltas, the carried weights themselves.
+        carried = sweep.w if sweep.w is not None else np.repeat(ws, lengths)
+        outcome = apply_corrections(carried, lengths, config, np.repeat(seq_keep, lengths) if seq_masking else None,
+                                    lambda: log_ratios(lp_pi, lp_mu))  # fmt: skip
         keep = outcome.keep
         token_coef = np.where(keep, (1.0 - alpha) + alpha * outcome.weights, 0.0)
         n_kept = int(np.count_nonzero(keep))

@@ -26,6 +26,7 @@ Definitions, for delta_i = clamp(lp_pi_i - lp_mu_i, -20, 20) and token ratio exp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,16 +69,19 @@ def m2po_keep(delta: np.ndarray, keep: np.ndarray, threshold: float) -> np.ndarr
     """bool[N]: the kept tokens M2PO leaves (module docstring); masked tokens stay masked.
 
     The mean of the m smallest delta^2 grows with m, so the tokens left are the m* smallest, m* the
-    largest m whose sum is at most threshold * m.
+    largest m whose sum is at most threshold * m. Every token with delta^2 <= threshold is among them
+    (adding one never lifts the mean above the threshold), so only the larger ones are sorted.
     """
-    idx = np.flatnonzero(keep)
-    q = delta[idx] * delta[idx]
-    order = np.argsort(q, kind="stable")
-    sums = np.concatenate([[0.0], np.cumsum(q[order])])
-    fits = sums <= threshold * np.arange(q.size + 1)
-    m = int(np.flatnonzero(fits).max())  # fits[0] is always true
-    out = np.zeros_like(keep)
-    out[idx[order[:m]]] = True
+    q = np.where(keep, delta * delta, np.inf)
+    small = q <= threshold
+    base_sum, base_n = float(q[small].sum()), int(np.count_nonzero(small))
+    idx = np.flatnonzero(keep & ~small)
+    order = idx[np.argsort(q[idx], kind="stable")]
+    sums = base_sum + np.concatenate([[0.0], np.cumsum(q[order])])
+    fits = sums <= threshold * (base_n + np.arange(order.size + 1))
+    m = int(np.flatnonzero(fits).max())  # fits[0] holds: the small tokens' mean is at most the threshold
+    out = small.copy()
+    out[order[:m]] = True
     return out
 
 
@@ -123,40 +127,56 @@ class CorrectionOutcome:
 
 
 def apply_corrections(
-    delta: np.ndarray, lengths: np.ndarray, config: CorrectionConfig, sequence_keep: np.ndarray | None
+    w: np.ndarray,
+    lengths: np.ndarray,
+    config: CorrectionConfig,
+    sequence_keep: np.ndarray | None,
+    log_ratios: Callable[[], np.ndarray],
 ) -> CorrectionOutcome:
     """Every mask of the config (mis, IcePop, rejection, M2PO) and the loss weights.
 
-    sequence_keep: bool[N] of the sequence masks computed by the caller (veto, opsm), or None.
+    w: float64[N], the carried weights at the config's level. sequence_keep: bool[N] of the sequence
+    masks computed by the caller (veto, opsm), or None. log_ratios: returns the clamped per-token
+    deltas; called only when a mask needs them (the caller may already hold the weights).
     """
-    n = delta.size
-    w = carried_weights(delta, lengths, config.level)
-    token_ratio = w if config.level is WeightLevel.TOKEN else np.exp(delta)
+    n = w.size
+    token_level = config.level is WeightLevel.TOKEN
+    delta: np.ndarray | None = None
+
+    def deltas() -> np.ndarray:
+        nonlocal delta
+        if delta is None:
+            delta = log_ratios()
+        return delta
+
     low = np.zeros(n, dtype=bool)
     high = np.zeros(n, dtype=bool)
     if config.mode is CorrectionMode.MIS:
         lo_w, hi_w = mis_bounds(config.cap)
         low |= w < lo_w
         high |= w > hi_w
-    if config.mask_ratio_lo is not None:
-        low |= token_ratio < config.mask_ratio_lo
-    if config.mask_ratio_hi is not None:
-        high |= token_ratio > config.mask_ratio_hi
+    if config.mask_ratio_lo is not None or config.mask_ratio_hi is not None:
+        token_ratio = w if token_level else np.exp(deltas())
+        if config.mask_ratio_lo is not None:
+            low |= token_ratio < config.mask_ratio_lo
+        if config.mask_ratio_hi is not None:
+            high |= token_ratio > config.mask_ratio_hi
     keep = ~(low | high)
     n_rejected = 0
     if config.reject_rule is not None:
         assert config.reject_threshold is not None  # the config validates the pair
-        rejected = reject_drop(delta, lengths, config.reject_rule, config.reject_threshold)
+        rejected = reject_drop(deltas(), lengths, config.reject_rule, config.reject_threshold)
         n_rejected = int(np.count_nonzero(rejected))
         keep &= ~rejected
     if sequence_keep is not None:
         keep &= sequence_keep
     n_m2po = 0
     if config.m2po_threshold is not None:
-        kept = m2po_keep(delta, keep, config.m2po_threshold)
+        kept = m2po_keep(deltas(), keep, config.m2po_threshold)
         n_m2po = int(np.count_nonzero(keep)) - int(np.count_nonzero(kept))
         keep = kept
-    wt = applied_weights(w, config.cap)
+    truncates = config.cap is not None and float(w.max()) > config.cap
+    wt = applied_weights(w, config.cap) if truncates else w
     weights = self_normalized(wt, keep, lengths, config.level) if config.self_normalize else wt
     return CorrectionOutcome(keep, weights, int(np.count_nonzero(low)), int(np.count_nonzero(high)), n_rejected,
                              n_m2po)  # fmt: skip

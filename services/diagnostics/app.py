@@ -201,7 +201,7 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
         response_class=HTMLResponse,
         responses=ERRORS,
         tags=["runs"],
-        summary="HTML page with charts of alpha, rho, s, p and kl over steps.",
+        summary="HTML page with charts of the applied and shadow alpha, rho, s, p, kl and masked shares over steps.",
     )
     async def dashboard(request: Request, run_id: RunId) -> HTMLResponse:
         await require_run(request, run_id)
