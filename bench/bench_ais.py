@@ -26,9 +26,17 @@ REGIMES = {
     "fp8-like ais": (0.05, {"mode": CorrectionMode.AIS}),
     "heavy mis+veto+opsm": (0.5, {"mode": CorrectionMode.MIS, "veto_threshold": 0.25, "opsm_kl_threshold": 0.0}),
     # The composable corrections (docs/corrections.md): explicit per-token masks, M2PO sorts its large tokens.
-    "heavy ais+icepop+reject+m2po": (0.5, {"mode": CorrectionMode.AIS, "mask_ratio_lo": 0.5, "mask_ratio_hi": 2.0,
-                                            "reject_rule": "seq_max_k3", "reject_threshold": 5.0,
-                                            "m2po_threshold": 0.1}),
+    "heavy ais+icepop+reject+m2po": (
+        0.5,
+        {
+            "mode": CorrectionMode.AIS,
+            "mask_ratio_lo": 0.5,
+            "mask_ratio_hi": 2.0,
+            "reject_rule": "seq_max_k3",
+            "reject_threshold": 5.0,
+            "m2po_threshold": 0.1,
+        },
+    ),
 }
 
 
