@@ -78,7 +78,8 @@ CoefficientOut = create_model(
     "CoefficientOut",
     __base__=_CoefficientFields,
     __doc__="The coefficient and every diagnostic; top-level statistics are on the applied (truncated) weights.",
-    **{f.name: (float, Field(description=f.metadata["doc"])) for f in dataclass_fields(CorrectionStats)},
+    # null in records written before these fields existed (a history may span an upgrade)
+    **{f.name: (float | None, Field(None, description=f.metadata["doc"])) for f in dataclass_fields(CorrectionStats)},
 )
 
 

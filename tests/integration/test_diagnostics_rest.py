@@ -275,3 +275,22 @@ async def test_not_ready_when_redis_is_gone():
     finally:
         await running.stop()
         redis_server.stop()
+
+
+async def test_records_from_before_the_correction_fields_are_served_with_nulls(service, http, redis_url):
+    """A history spanning an upgrade: a record without the correction fields is served (null), not a 500."""
+    from aisrl.redis_conn import async_client
+    from aisrl.services.diagnostics.history import History
+
+    await _record(service, "old", range(1))
+    record = (await http.get("/v1/runs/old/batches/0")).json()
+    old = {k: v for k, v in record.items() if k not in CORRECTION_STAT_FIELDS} | {"step": 1}
+    client = async_client(redis_url)
+    try:
+        await History(client).record("old", old)
+    finally:
+        await client.aclose()
+    reply = await http.get("/v1/runs/old/batches/1")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["frac_kept"] is None and reply.json()["alpha_ais"] == record["alpha_ais"]
+    assert (await http.get("/v1/runs/old/dashboard")).status_code == 200
