@@ -87,6 +87,7 @@ from aisrl.core.weights import (
     sequence_starts,
 )
 
+# The weight helpers live in aisrl.core.weights (shared with the corrections); callers may import them from here.
 __all__ = ["applied_weights", "carried_weights", "log_ratios", "mis_bounds", "sequence_log_weights", "sequence_starts"]
 
 # Log-probabilities up to this much above 0 are accepted as float rounding of a certain token
@@ -522,7 +523,7 @@ def compute_coefficient(
         seq_keep &= ~off_policy
     seq_masking = not seq_keep.all()
 
-    ess_seq = min(float(w_seq.sum()) ** 2 / float(np.dot(w_seq, w_seq)), float(n_seq))
+    ess_seq = min(float(w_seq.sum()) ** 2 / _dot(w_seq, w_seq), float(n_seq))
     if needs_token_pass(config) or seq_masking:
         # The general path: every mask and the loss weights on explicit per-token arrays.
         # Token level: the sweep's weights are exp of the clamped deltas, the carried weights themselves.
