@@ -78,7 +78,8 @@ def configured_indexes(settings: dict[str, str]) -> tuple[str, list[str]]:
 
 def torch_available_locally(pip: str, constraints: str) -> bool:
     """Whether pip satisfies the `torch` constraint from local wheel folders alone (no index)."""
-    cmd = [pip, "install", "--dry-run", "--ignore-installed", "--no-deps", "--no-index", "--quiet", "-c", constraints, "torch"]
+    cmd = [pip, "install", "--dry-run", "--ignore-installed", "--no-deps", "--no-index", "--quiet"]
+    cmd += ["-c", constraints, "torch"]
     return subprocess.run(cmd, capture_output=True, text=True, check=False).returncode == 0
 
 

@@ -231,8 +231,15 @@ def vllm_cpu_build_requirements(tf: tarfile.TarFile) -> list[str]:
     return [r for r in read("cpu.txt") if " @ " not in r]
 
 
-def entry(filename: str, index: str, platforms: list[str], fields: dict, note: str = "") -> dict:
-    return {"filename": filename, "index": index, "platforms": platforms, **fields, **({"note": note} if note else {})}
+def remote_size(url: str) -> int:
+    with urllib.request.urlopen(urllib.request.Request(url.split("#", 1)[0], method="HEAD"), timeout=60) as r:
+        return int(r.headers["Content-Length"])
+
+
+def entry(filename: str, index: str, platforms: list[str], fields: dict, size: int | None, note: str = "") -> dict:
+    """One file of the snapshot; size in bytes (None when unknown), for the download figures."""
+    extra = {"note": note} if note else {}
+    return {"filename": filename, "index": index, "platforms": platforms, "size": size, **fields, **extra}
 
 
 def snapshot(torch_index: str, torch_wheel: Path | None) -> dict:
@@ -245,15 +252,17 @@ def snapshot(torch_index: str, torch_wheel: Path | None) -> dict:
         out = []
         for filename, url, attrs, platforms in choose(project_files(PYPI, name), version).values():
             if filename.endswith(".whl"):
-                out.append(entry(filename, "pypi", platforms, metadata_fields(remote_metadata(url, attrs))))
+                fields = metadata_fields(remote_metadata(url, attrs))
+                out.append(entry(filename, "pypi", platforms, fields, remote_size(url)))
             elif name == "vllm":
                 sdist = open_sdist(url)
                 fields = metadata_fields(sdist_metadata(sdist))
                 fields["requires_dist"] = vllm_cpu_build_requirements(sdist)
                 note = "source release: requirements of its CPU build (requirements/cpu.txt), as on macOS"
-                out.append(entry(filename, "pypi", platforms, fields, note))
+                out.append(entry(filename, "pypi", platforms, fields, remote_size(url), note))
             else:
-                out.append(entry(filename, "pypi", platforms, metadata_fields(sdist_metadata(open_sdist(url)))))
+                fields = metadata_fields(sdist_metadata(open_sdist(url)))
+                out.append(entry(filename, "pypi", platforms, fields, remote_size(url)))
         if not out:
             raise SystemExit(f"{name}=={version}: no file on PyPI for any target platform")
         return out
@@ -265,15 +274,17 @@ def snapshot(torch_index: str, torch_wheel: Path | None) -> dict:
         try:
             links = choose(project_files(torch_index, name), version)
             for f, u, a, p in links.values():
-                files.append(entry(f, "pytorch-cpu", p, metadata_fields(remote_metadata(u, a))))
+                files.append(entry(f, "pytorch-cpu", p, metadata_fields(remote_metadata(u, a)), remote_size(u)))
         except OSError as e:
             if torch_wheel is None:
                 raise SystemExit(f"{torch_index} does not answer ({e}); pass --torch-wheel") from e
             fields = metadata_fields(wheel_metadata(torch_wheel))
             for arch in ("x86_64", "aarch64"):
                 filename = re.sub(r"manylinux\w+", f"manylinux_2_28_{arch}", torch_wheel.name)
-                note = "" if filename == torch_wheel.name else f"metadata of {torch_wheel.name}"
-                files.append(entry(filename, "pytorch-cpu", [f"linux-{arch}"], fields, note))
+                same = filename == torch_wheel.name
+                note = "" if same else f"metadata of {torch_wheel.name}; size unknown"
+                size = torch_wheel.stat().st_size if same else None
+                files.append(entry(filename, "pytorch-cpu", [f"linux-{arch}"], fields, size, note))
     return {"comment": __doc__.split("\n", 1)[0], "files": sorted(files, key=lambda e: e["filename"].lower())}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.install_support import write_stub
+from install.plan import write_stub
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFLIGHT = ROOT / "install" / "preflight.py"
