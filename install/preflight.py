@@ -44,7 +44,9 @@ def probe(index_url: str, project: str, timeout_s: float, *, must_serve: bool = 
         with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout_s):
             return None
     except urllib.error.HTTPError as e:
-        return None if (e.code < 500 and not must_serve) else f"HTTP {e.code} for {url}"
+        # 401/403: the index is there and wants credentials, which pip may have (netrc, keyring).
+        answers = e.code in (401, 403) or (e.code < 500 and not must_serve)
+        return None if answers else f"HTTP {e.code} for {url}"
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
