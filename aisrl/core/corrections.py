@@ -104,18 +104,6 @@ def loss_weights(delta: np.ndarray, lengths: np.ndarray, config: CorrectionConfi
     return self_normalized(wt, keep, lengths, config.level) if config.self_normalize else wt
 
 
-def needs_token_pass(config: CorrectionConfig) -> bool:
-    """Whether the config uses any correction beyond the fast path of `aisrl.core.ais` (no masks, plain wt)."""
-    return (
-        config.self_normalize
-        or config.mode is CorrectionMode.MIS
-        or config.mask_ratio_lo is not None
-        or config.mask_ratio_hi is not None
-        or config.reject_rule is not None
-        or config.m2po_threshold is not None
-    )
-
-
 @dataclass(frozen=True)
 class CorrectionOutcome:
     keep: np.ndarray  # bool[N], every mask together

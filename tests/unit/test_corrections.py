@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+import aisrl.core.ais as ais
 from aisrl.core.ais import arrays_from_ragged, compute_coefficient
 from aisrl.core.corrections import m2po_keep, reject_drop
 from aisrl.core.grpo import mixed_ppo_loss
@@ -191,6 +192,35 @@ def test_masks_only_remove_tokens_and_never_move_the_shadow_alpha(batch, spec):
     assert all(0.0 <= v <= 1.0 for v in (c.frac_mask_low, c.frac_mask_high, c.frac_rejected, c.frac_m2po))
     assert all(math.isfinite(v) and v >= 0.0 for v in (c.weight_std, c.loss_weight_mean, c.ess_sequence, c.m2))
     assert c.ess_sequence <= got.n_sequences * (1 + 1e-12)
+
+
+@PROFILE
+@given(
+    batch=batches(),
+    spec=mask_configs,
+    cap=st.none() | st.floats(0.5, 5.0),
+    veto=st.none() | st.floats(1e-3, 1.0),
+    opsm=st.none() | st.floats(0.0, 2.0),
+)
+def test_blocked_path_agrees_with_the_per_token_path(batch, spec, cap, veto, opsm):
+    """mis, veto, opsm, IcePop (token level) and self-normalization run on the blocked path; forced onto the
+    general per-token path (aisrl.core.corrections.apply_corrections) they give the same masks and weights."""
+    spec = spec | {"reject": None, "m2po_threshold": None}
+    config = _config(spec).model_copy(update={"cap": cap, "veto_threshold": veto, "opsm_kl_threshold": opsm})
+    got = compute_coefficient(batch, config)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ais, "_needs_general_path", lambda _config: True)
+        want = compute_coefficient(batch, config)
+    np.testing.assert_array_equal(got.token_keep, want.token_keep)
+    np.testing.assert_allclose(got.token_coef, want.token_coef, rtol=1e-12, atol=0)
+    assert got.frac_masked == want.frac_masked and got.alpha == want.alpha
+    for key in ("frac_mask_low", "frac_mask_high", "frac_kept", "ess_sequence", "m2"):
+        assert getattr(got.corrections, key) == getattr(want.corrections, key), key
+    mean = want.corrections.loss_weight_mean
+    assert got.corrections.loss_weight_mean == pytest.approx(mean, rel=1e-12)
+    # The blocked path's std comes from sums of x and x^2 (ais.py, numerical notes): cancellation costs up to
+    # about sqrt(n * eps) of the weights' size, against the per-token path's two-pass std.
+    assert got.corrections.weight_std == pytest.approx(want.corrections.weight_std, rel=1e-9, abs=1e-6 * mean)
 
 
 @PROFILE
