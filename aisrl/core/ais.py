@@ -100,9 +100,6 @@ WARN_WEIGHT_MEAN_RANGE = (0.5, 2.0)
 WARN_MAX_KL = 0.1
 WARN_MAX_CHI2_TOKEN = 1.0
 
-# Below exp(-ln 2) = 0.5, w - 1 is no longer exact (Sterbenz), so sum w is summed directly.
-_EXACT_SHIFT_MIN_DELTA = -math.log(2.0)
-
 
 # --------------------------------------------------------------------------------------------
 # Validation and construction
@@ -345,15 +342,14 @@ class _Sweep:
     """What the pass over the tokens gathers; per-sequence arrays are float64[S]."""
 
     seq_delta: np.ndarray  # sum of the clamped deltas
+    seq_w: np.ndarray  # sum of token-level w
     seq_w2: np.ndarray  # sum of token-level w^2
     seq_wt2: np.ndarray | None  # sum of min(w, C)^2 (token level with a cap)
     seq_wmin: np.ndarray | None  # smallest token-level w (veto)
     w: np.ndarray | None  # float64[N] token-level weights (token level); becomes token_coef
     keep: np.ndarray | None  # bool[N]: inside the token-level ratio band (token level with a band)
     truncated_blocks: list[bool]  # per block: some w > C (token level with a cap)
-    shift_sum: float = 0.0  # sum (w - 1)
     d2_sum: float = 0.0  # sum delta^2 (M2PO's second moment)
-    w_sum: float = 0.0
     wt_sum: float = 0.0
     n_truncated: int = 0
     n_low: int = 0  # tokens below the band's lower bound
@@ -403,6 +399,7 @@ def _sweep(
     token_level = config.level is WeightLevel.TOKEN
     out = _Sweep(
         seq_delta=np.empty(n_seq),
+        seq_w=np.empty(n_seq),
         seq_w2=np.empty(n_seq),
         seq_wt2=np.empty(n_seq) if token_level and cap is not None else None,
         seq_wmin=np.empty(n_seq) if config.veto_threshold is not None else None,
@@ -433,13 +430,8 @@ def _sweep(
         np.add.reduceat(d, local, out=out.seq_delta[s0:s1])
         out.d2_sum += float(np.einsum("i,i->", d, d))  # one pass, numpy's own loop (no BLAS threads)
         w = np.exp(d, out=out.w[t0:t1] if out.w is not None else x_buf[:m])
-        x = np.subtract(w, 1.0, out=d)  # the block's deltas are summed: reuse their memory
-        shift = float(x.sum())
-        out.shift_sum += shift
-        # w - 1 is exact for w in [0.5, 2] (Sterbenz), so m + sum(w - 1) is sum w to rounding.
-        w_sum = m + shift if lo >= _EXACT_SHIFT_MIN_DELTA else float(w.sum())
-        out.w_sum += w_sum
-        np.multiply(w, w, out=x)
+        np.add.reduceat(w, local, out=out.seq_w[s0:s1])
+        x = np.multiply(w, w, out=d)  # the block's deltas are summed: reuse their memory
         np.add.reduceat(x, local, out=out.seq_w2[s0:s1])
         if out.seq_wmin is not None:
             np.minimum.reduceat(w, local, out=out.seq_wmin[s0:s1])
@@ -459,7 +451,7 @@ def _sweep(
                 out.n_truncated += int(np.count_nonzero(w > cap))
                 np.add.reduceat(np.multiply(wt, wt, out=x), local, out=out.seq_wt2[s0:s1])
             else:
-                out.wt_sum += w_sum
+                out.wt_sum += float(out.seq_w[s0:s1].sum())
                 out.seq_wt2[s0:s1] = out.seq_w2[s0:s1]
     return out
 
@@ -503,8 +495,10 @@ def _token_loss_weights(
     truncated = sweep.truncated_blocks or [False] * len(blocks)
     if keep is None:
         n_kept = coef.size
-        total, sq = (sweep.wt_sum, sweep.seq_wt2) if sweep.seq_wt2 is not None else (sweep.w_sum, sweep.seq_w2)
-        total_sq = float(sq.sum())
+        if sweep.seq_wt2 is not None:
+            total, total_sq = sweep.wt_sum, float(sweep.seq_wt2.sum())
+        else:
+            total, total_sq = float(sweep.seq_w.sum()), float(sweep.seq_w2.sum())
     else:
         n_kept, total, total_sq = int(np.count_nonzero(keep)), 0.0, 0.0
     norm = total / n_kept if normalize and n_kept and keep is None else 1.0
@@ -600,7 +594,8 @@ def compute_coefficient(
     a2 = a * a
     adv_sq = _dot(lengths_f, a2)  # sum over tokens of a_i^2
     delta_sum = float(sweep.seq_delta.sum())
-    kl = max((sweep.shift_sum - delta_sum) / n, 0.0)  # mean(w - 1 - delta), each term >= 0
+    # mean(w - 1 - delta), each term >= 0; L_s leaves each sequence's sum of w exactly (Sterbenz).
+    kl = max((float((sweep.seq_w - lengths_f).sum()) - delta_sum) / n, 0.0)
     w_tok_sq = float(sweep.seq_w2.sum())
     chi2_token = w_tok_sq / n - 1.0
     w_seq = np.exp(np.clip(sweep.seq_delta, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
@@ -609,7 +604,7 @@ def compute_coefficient(
     if token_level:
         # exp is monotone, so the extreme weights are the exps of the extreme deltas.
         w_min, w_max = float(np.exp(sweep.d_min)), float(np.exp(sweep.d_max))
-        raw = _Moments(n, sweep.w_sum, w_tok_sq, _dot(sweep.seq_w2, a2), adv_sq, w_min, w_max)
+        raw = _Moments(n, float(sweep.seq_w.sum()), w_tok_sq, _dot(sweep.seq_w2, a2), adv_sq, w_min, w_max)
         if cap is not None and w_max > cap:
             assert sweep.seq_wt2 is not None
             applied = _Moments(n, sweep.wt_sum, float(sweep.seq_wt2.sum()), _dot(sweep.seq_wt2, a2), adv_sq,

@@ -70,18 +70,25 @@ def m2po_keep(delta: np.ndarray, keep: np.ndarray, threshold: float) -> np.ndarr
 
     The mean of the m smallest delta^2 grows with m, so the tokens left are the m* smallest, m* the
     largest m whose sum is at most threshold * m. Every token with delta^2 <= threshold is among them
-    (adding one never lifts the mean above the threshold), so only the larger ones are sorted.
+    (adding one never lifts the mean above the threshold), so only the larger ones are sorted, and
+    only their values (numpy's SIMD sort, several times faster than a stable argsort): the m*-th
+    smallest value is the cut, and among tokens equal to it the earlier ones stay.
     """
     q = np.where(keep, delta * delta, np.inf)
     small = q <= threshold
     base_sum, base_n = float(q[small].sum()), int(np.count_nonzero(small))
     idx = np.flatnonzero(keep & ~small)
-    order = idx[np.argsort(q[idx], kind="stable")]
-    sums = base_sum + np.concatenate([[0.0], np.cumsum(q[order])])
-    fits = sums <= threshold * (base_n + np.arange(order.size + 1))
+    large = q[idx]
+    ordered = np.sort(large)
+    sums = base_sum + np.concatenate([[0.0], np.cumsum(ordered)])
+    fits = sums <= threshold * (base_n + np.arange(ordered.size + 1))
     m = int(np.flatnonzero(fits).max())  # fits[0] holds: the small tokens' mean is at most the threshold
     out = small.copy()
-    out[order[:m]] = True
+    if m:
+        cut = ordered[m - 1]
+        stays = large < cut
+        stays[np.flatnonzero(large == cut)[: m - int(np.count_nonzero(stays))]] = True
+        out[idx[stays]] = True
     return out
 
 

@@ -249,6 +249,14 @@ def test_m2po_masks_the_fewest_largest_tokens_that_bring_m2_under_the_threshold(
         assert q[back].mean() > tau * (1 - 1e-12)
 
 
+def test_m2po_masks_the_later_of_equal_tokens_first():
+    # delta^2 = 0.25 three times: the first stays (mean (0.25 + 0.01 + 0) / 3 = 0.087 <= 0.1), the later two go.
+    keep = m2po_keep(np.array([0.5, 0.1, -0.5, 0.5, 0.0]), np.ones(5, dtype=bool), 0.1)
+    np.testing.assert_array_equal(keep, [True, True, False, False, True])
+    masked_first = m2po_keep(np.array([0.5, 0.1, -0.5, 0.5, 0.0]), np.array([False, True, True, True, True]), 0.1)
+    np.testing.assert_array_equal(masked_first, [False, True, True, False, True])
+
+
 @PROFILE
 @given(batch=batches(), rule=st.sampled_from(RejectRule), t=st.floats(0.0, 3.0), more=st.floats(0.0, 3.0))
 def test_rejection_is_monotone_in_its_threshold_and_drops_whole_sequences(batch, rule, t, more):
