@@ -29,8 +29,10 @@ The formulation, for N carried tokens i in S sequences:
   is outside [1/C, C]; the veto drops sequences holding a token whose token-level weight is below
   veto_threshold; off-policy sequence masking drops sequences with A < 0 whose mean(-delta)
   exceeds opsm_kl_threshold; IcePop ratio bounds, divergence rejection, M2PO and self-normalized
-  weights are `aisrl.core.corrections` (docs/corrections.md). Without any mask or self-normalization
-  the coefficients come from the blocked fast path; otherwise from explicit per-token arrays.
+  weights are `aisrl.core.corrections` (docs/corrections.md). mis, the veto, opsm, IcePop at the token
+  level and self-normalization run on the blocked path below; divergence rejection, M2PO and IcePop at
+  the sequence levels on explicit per-token arrays (`apply_corrections`). A test forces the second
+  path on configs the first handles and checks that both give the same masks and coefficients.
 - Correction diagnostics (`CorrectionStats`): the share of tokens masked for each reason, the kept
   share, the mean and standard deviation of the loss weights over kept tokens, the sequence-level
   ESS of exp(clamp(sum_s delta)) and m2 = mean(delta^2).
@@ -46,15 +48,32 @@ Validation: empty batches, inconsistent lengths or counts, non-finite values (Na
 lp_pi, lp_mu, advantages or prev_ema, and log-probabilities above LOGPROB_TOLERANCE (1e-6, float
 rounding of log 1) are errors; the field names the array and the first bad index (`lp_mu[17]`).
 
-Speed: one blocked pass over the tokens (blocks of whole sequences that fit in the CPU cache),
-computing exp once per token, then O(S) work on per-sequence sums, then one pass writing the
-coefficients (token level); no Python loop over sequences. See bench/bench_ais.py.
+Speed (bench/bench_ais.py; figures and method in docs/performance.md, "AIS computation"): the
+tokens are processed in blocks of whole sequences that stay in the CPU cache (`_BLOCK_TOKENS`), so
+lp_pi and lp_mu travel from memory once. Per block, token level: d = pi - mu (float32 inputs, the
+wire's, are widened here rather than copied first), the two validation maxima, min and max of d, the
+per-sequence sums of d, sum d^2 (einsum: one pass, numpy's own loop; BLAS dot starts threads), exp
+once per token written where the coefficients will be, the per-sequence sums of w and of w^2; the
+truncation sums only in blocks whose largest weight exceeds the cap, the ratio band (mis, IcePop)
+as two comparisons. Then O(S) work on per-sequence sums, then one blocked pass turning the weights
+into coefficients in place (masks, kept-token sums and alpha together). No Python loop over sequences,
+no per-token temporary array outside a block. Measured on 1M tokens (2 shared vCPUs, load 6 to 14):
+5.9 to 6.7 ms of CPU per call for the FP8-like batch (1.1x faster than before), against 1 to 1.5 ms for
+np.exp alone, so issue 11's 5 ms target is missed by about 1.2x even in CPU time, and wall time adds the
+load's waits; masked and self-normalized batches cost 1.2x to 1.5x the unmasked one (2.5x to 2.9x before,
+when they took the per-token path). float32 arithmetic is not used: kl needs w - 1 to float64
+precision, and the reference tests pin every diagnostic to 1e-9.
 
 Numerical notes: the clamp is applied only when some delta lies outside [-20, 20] (it is the
-identity otherwise); kl sums (w - 1) and delta separately, which keeps its relative error near
-machine precision even for tiny mismatches; v is computed on advantages scaled by max|A| (v is
-scale-free), so huge advantages cannot overflow; rho and ESS are clamped to 1 and N against the
-last-bit rounding of (sum x)^2 / sum x^2.
+identity otherwise); kl = (sum_s (sum_{i in s} w_i - L_s) - sum delta) / N: each sequence's weights
+are summed on their own (pairwise) and its length subtracted, so the rounding error of kl is about
+1e-16 per token (relative error about 1e-16 / kl: 1e-13 at kl = 1e-3, the FP8 regime; it grows only
+for kl far below any tau_kl that gives alpha a visible value); v is computed on advantages scaled by
+max|A| (v is scale-free), so huge advantages cannot overflow; rho and ESS are clamped to 1 and N
+against the last-bit rounding of (sum x)^2 / sum x^2; on the blocked path the kept tokens' weight_std
+comes from their sums of x and x^2 in one pass, whose cancellation costs up to about sqrt(N * eps)
+of the weights' size (a spread below ~1e-7 of the mean reads as noise of that size; the per-token
+path's is two-pass).
 """
 
 from __future__ import annotations
