@@ -31,8 +31,9 @@ The formulation, for N carried tokens i in S sequences:
   exceeds opsm_kl_threshold; IcePop ratio bounds, divergence rejection, M2PO and self-normalized
   weights are `aisrl.core.corrections` (docs/corrections.md). mis, the veto, opsm, IcePop at the token
   level and self-normalization run on the blocked path below; divergence rejection, M2PO and IcePop at
-  the sequence levels on explicit per-token arrays (`apply_corrections`). A test forces the second
-  path on configs the first handles and checks that both give the same masks and coefficients.
+  the sequence levels decide their masks on explicit per-token arrays (`apply_corrections`), after
+  which token-level loss weights take the blocked coefficient pass too. A test forces the per-token
+  masks on configs the blocked path handles and checks that both give the same masks and coefficients.
 - Correction diagnostics (`CorrectionStats`): the share of tokens masked for each reason, the kept
   share, the mean and standard deviation of the loss weights over kept tokens, the sequence-level
   ESS of exp(clamp(sum_s delta)) and m2 = mean(delta^2).
@@ -85,7 +86,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aisrl.core.corrections import apply_corrections
+from aisrl.core.corrections import apply_corrections, self_normalized
 from aisrl.core.types import (
     LOG_RATIO_CLAMP,
     BatchValidationError,
@@ -665,17 +666,24 @@ def compute_coefficient(
 
     ess_seq = min(float(w_seq.sum()) ** 2 / _dot(w_seq, w_seq), float(n_seq))
     if general:
-        # Divergence rejection, M2PO or IcePop at a sequence level: every mask and the loss weights on
-        # explicit per-token arrays. Token level: the sweep's weights are exp of the clamped deltas.
+        # Divergence rejection, M2PO or IcePop at a sequence level: the masks on explicit per-token arrays.
+        # Token level: the sweep's weights are exp of the clamped deltas, the carried weights themselves.
         carried = sweep.w if sweep.w is not None else np.repeat(ws, lengths)
         outcome = apply_corrections(carried, lengths, config, np.repeat(seq_keep, lengths) if seq_masking else None,
                                     lambda: log_ratios(lp_pi, lp_mu))  # fmt: skip
         keep = outcome.keep
-        token_coef = np.where(keep, (1.0 - alpha) + alpha * outcome.weights, 0.0)
-        n_kept = int(np.count_nonzero(keep))
-        kept_w = outcome.weights[keep]
-        w_mean, w_std = (float(kept_w.mean()), float(kept_w.std())) if n_kept else (0.0, 0.0)
         counts = (outcome.n_low, outcome.n_high, outcome.n_rejected, outcome.n_m2po)
+        if token_level:  # the loss weights and their kept-token statistics on the blocked path
+            loss = _token_loss_weights(sweep, blocks, cap, alpha, keep, config.self_normalize)
+            token_coef, n_kept, w_mean, w_std = loss.coef, loss.n_kept, loss.mean, loss.std
+        else:
+            weights = applied_weights(carried, cap)
+            if config.self_normalize:
+                weights = self_normalized(weights, keep, lengths, level)
+            token_coef = np.where(keep, (1.0 - alpha) + alpha * weights, 0.0)
+            n_kept = int(np.count_nonzero(keep))
+            kept_w = weights[keep]
+            w_mean, w_std = (float(kept_w.mean()), float(kept_w.std())) if n_kept else (0.0, 0.0)
     else:  # the blocked path: mis, veto, opsm, IcePop (token level) and self-normalization
         if token_level:
             keep_mask = sweep.keep

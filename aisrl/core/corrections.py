@@ -114,7 +114,6 @@ def loss_weights(delta: np.ndarray, lengths: np.ndarray, config: CorrectionConfi
 @dataclass(frozen=True)
 class CorrectionOutcome:
     keep: np.ndarray  # bool[N], every mask together
-    weights: np.ndarray  # float64[N], the loss weights (min(w, C), self-normalized if configured)
     n_low: int  # tokens below a lower ratio bound (mis 1/C at the carried level, mask_ratio_lo)
     n_high: int  # tokens above an upper ratio bound (mis C at the carried level, mask_ratio_hi)
     n_rejected: int  # tokens dropped by divergence rejection
@@ -128,7 +127,7 @@ def apply_corrections(
     sequence_keep: np.ndarray | None,
     log_ratios: Callable[[], np.ndarray],
 ) -> CorrectionOutcome:
-    """Every mask of the config (mis, IcePop, rejection, M2PO) and the loss weights.
+    """Every mask of the config (mis, IcePop, rejection, M2PO), with the tokens each reason masks.
 
     w: float64[N], the carried weights at the config's level. sequence_keep: bool[N] of the sequence
     masks computed by the caller (veto, opsm), or None. log_ratios: returns the clamped per-token
@@ -170,8 +169,4 @@ def apply_corrections(
         kept = m2po_keep(deltas(), keep, config.m2po_threshold)
         n_m2po = int(np.count_nonzero(keep)) - int(np.count_nonzero(kept))
         keep = kept
-    truncates = config.cap is not None and float(w.max()) > config.cap
-    wt = applied_weights(w, config.cap) if truncates else w
-    weights = self_normalized(wt, keep, lengths, config.level) if config.self_normalize else wt
-    return CorrectionOutcome(keep, weights, int(np.count_nonzero(low)), int(np.count_nonzero(high)), n_rejected,
-                             n_m2po)  # fmt: skip
+    return CorrectionOutcome(keep, int(np.count_nonzero(low)), int(np.count_nonzero(high)), n_rejected, n_m2po)
