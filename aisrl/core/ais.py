@@ -62,7 +62,7 @@ no per-token temporary array outside a block. Measured on 1M tokens (2 shared vC
 5.9 to 8.4 ms of CPU per call for the FP8-like batch (1.13x to 1.15x faster than before), against 1 to
 1.5 ms for np.exp alone, so issue 11's 5 ms target is missed by about 1.2x even in CPU time at the
 quietest moment, and wall time adds the load's waits; masked and self-normalized batches cost 1.2x to
-1.5x the unmasked one (2.5x to 4x before, when they took the per-token path). float32 arithmetic is
+1.5x the unmasked one (1.9x to 3.4x before, when they took the per-token path). float32 arithmetic is
 not used: kl needs w - 1 to float64 precision, and the reference tests pin every diagnostic to 1e-9.
 
 Numerical notes: the clamp is applied only when some delta lies outside [-20, 20] (it is the
