@@ -29,8 +29,11 @@ The formulation, for N carried tokens i in S sequences:
   is outside [1/C, C]; the veto drops sequences holding a token whose token-level weight is below
   veto_threshold; off-policy sequence masking drops sequences with A < 0 whose mean(-delta)
   exceeds opsm_kl_threshold; IcePop ratio bounds, divergence rejection, M2PO and self-normalized
-  weights are `aisrl.core.corrections` (docs/corrections.md). Without any mask or self-normalization
-  the coefficients come from the blocked fast path; otherwise from explicit per-token arrays.
+  weights are `aisrl.core.corrections` (docs/corrections.md). mis, the veto, opsm, IcePop at the token
+  level and self-normalization run on the blocked path below; divergence rejection, M2PO and IcePop at
+  the sequence levels decide their masks on explicit per-token arrays (`apply_corrections`), after
+  which token-level loss weights take the blocked coefficient pass too. A test forces the per-token
+  masks on configs the blocked path handles and checks that both give the same masks and coefficients.
 - Correction diagnostics (`CorrectionStats`): the share of tokens masked for each reason, the kept
   share, the mean and standard deviation of the loss weights over kept tokens, the sequence-level
   ESS of exp(clamp(sum_s delta)) and m2 = mean(delta^2).
@@ -46,15 +49,32 @@ Validation: empty batches, inconsistent lengths or counts, non-finite values (Na
 lp_pi, lp_mu, advantages or prev_ema, and log-probabilities above LOGPROB_TOLERANCE (1e-6, float
 rounding of log 1) are errors; the field names the array and the first bad index (`lp_mu[17]`).
 
-Speed: one blocked pass over the tokens (blocks of whole sequences that fit in the CPU cache),
-computing exp once per token, then O(S) work on per-sequence sums, then one pass writing the
-coefficients (token level); no Python loop over sequences. See bench/bench_ais.py.
+Speed (bench/bench_ais.py; figures and method in docs/performance.md, "AIS computation"): the
+tokens are processed in blocks of whole sequences that stay in the CPU cache (`_BLOCK_TOKENS`), so
+lp_pi and lp_mu travel from memory once. Per block, token level: d = pi - mu (float32 inputs, the
+wire's, are widened here rather than copied first), the two validation maxima, min and max of d, the
+per-sequence sums of d, sum d^2 (einsum: one pass, numpy's own loop; BLAS dot starts threads), exp
+once per token written where the coefficients will be, the per-sequence sums of w and of w^2; the
+truncation sums only in blocks whose largest weight exceeds the cap, the ratio band (mis, IcePop)
+as two comparisons. Then O(S) work on per-sequence sums, then one blocked pass turning the weights
+into coefficients in place (masks, kept-token sums and alpha together). No Python loop over sequences,
+no per-token temporary array outside a block. Measured on 1M tokens (2 shared vCPUs, load 6 to 17):
+5.9 to 8.4 ms of CPU per call for the FP8-like batch (1.13x to 1.15x faster than before), against 1 to
+1.5 ms for np.exp alone, so issue 11's 5 ms target is missed by about 1.2x even in CPU time at the
+quietest moment, and wall time adds the load's waits; masked and self-normalized batches cost 1.2x to
+1.5x the unmasked one (1.9x to 3.4x before, when they took the per-token path). float32 arithmetic is
+not used: kl needs w - 1 to float64 precision, and the reference tests pin every diagnostic to 1e-9.
 
 Numerical notes: the clamp is applied only when some delta lies outside [-20, 20] (it is the
-identity otherwise); kl sums (w - 1) and delta separately, which keeps its relative error near
-machine precision even for tiny mismatches; v is computed on advantages scaled by max|A| (v is
-scale-free), so huge advantages cannot overflow; rho and ESS are clamped to 1 and N against the
-last-bit rounding of (sum x)^2 / sum x^2.
+identity otherwise); kl = (sum_s (sum_{i in s} w_i - L_s) - sum delta) / N: each sequence's weights
+are summed on their own (pairwise) and its length subtracted, so the rounding error of kl is about
+1e-16 per token (relative error about 1e-16 / kl: 1e-13 at kl = 1e-3, the FP8 regime; it grows only
+for kl far below any tau_kl that gives alpha a visible value); v is computed on advantages scaled by
+max|A| (v is scale-free), so huge advantages cannot overflow; rho and ESS are clamped to 1 and N
+against the last-bit rounding of (sum x)^2 / sum x^2; on the blocked path the kept tokens' weight_std
+comes from their sums of x and x^2 in one pass, whose cancellation costs up to about sqrt(N * eps)
+of the weights' size (a spread below ~1e-7 of the mean reads as noise of that size; the per-token
+path's is two-pass).
 """
 
 from __future__ import annotations
@@ -66,7 +86,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aisrl.core.corrections import apply_corrections, needs_token_pass
+from aisrl.core.corrections import apply_corrections, self_normalized
 from aisrl.core.types import (
     LOG_RATIO_CLAMP,
     BatchValidationError,
@@ -100,9 +120,6 @@ WARN_WEIGHT_MEAN_RANGE = (0.5, 2.0)
 WARN_MAX_KL = 0.1
 WARN_MAX_CHI2_TOKEN = 1.0
 
-# Below exp(-ln 2) = 0.5, w - 1 is no longer exact (Sterbenz), so sum w is summed directly.
-_EXACT_SHIFT_MIN_DELTA = -math.log(2.0)
-
 
 # --------------------------------------------------------------------------------------------
 # Validation and construction
@@ -123,10 +140,16 @@ def _as_1d(value: object, field: str, kinds: str) -> np.ndarray:
     return array
 
 
+def _log_probs(array: np.ndarray) -> np.ndarray:
+    return array if array.dtype in (np.float32, np.float64) else array.astype(np.float64)
+
+
 def _checked_shapes(batch: MismatchArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The batch's arrays as float64/int64 with every shape and length checked (values are not)."""
-    lp_pi = _as_1d(batch.lp_pi, "lp_pi", "iuf").astype(np.float64, copy=False)
-    lp_mu = _as_1d(batch.lp_mu, "lp_mu", "iuf").astype(np.float64, copy=False)
+    """The batch's arrays with every shape and length checked (values are not): log-probabilities as
+    float32 or float64 (float32, the wire's, is widened block by block in the sweep, not copied here),
+    lengths as int64, advantages as float64."""
+    lp_pi = _log_probs(_as_1d(batch.lp_pi, "lp_pi", "iuf"))
+    lp_mu = _log_probs(_as_1d(batch.lp_mu, "lp_mu", "iuf"))
     lengths = _as_1d(batch.lengths, "lengths", "iu").astype(np.int64, copy=False)
     advantages = _as_1d(batch.advantages, "advantages", "iuf").astype(np.float64, copy=False)
     n = lp_pi.size
@@ -329,7 +352,9 @@ def mode_alpha(config: CorrectionConfig, alpha_ais: float) -> float:
 # Tokens per block of the sweep. A block's intermediates stay in the CPU cache, so the big
 # arrays travel from memory once (one pass over 1M float64 from memory costs as much as several
 # in-cache operations). Blocks end at sequence boundaries, so per-sequence sums stay local.
-_BLOCK_TOKENS = 1 << 16
+_BLOCK_TOKENS = 1 << 15
+
+Blocks = list[tuple[int, int, int, int]]
 
 
 @dataclass
@@ -337,21 +362,23 @@ class _Sweep:
     """What the pass over the tokens gathers; per-sequence arrays are float64[S]."""
 
     seq_delta: np.ndarray  # sum of the clamped deltas
+    seq_w: np.ndarray  # sum of token-level w
     seq_w2: np.ndarray  # sum of token-level w^2
     seq_wt2: np.ndarray | None  # sum of min(w, C)^2 (token level with a cap)
     seq_wmin: np.ndarray | None  # smallest token-level w (veto)
     w: np.ndarray | None  # float64[N] token-level weights (token level); becomes token_coef
+    keep: np.ndarray | None  # bool[N]: inside the token-level ratio band (token level with a band)
     truncated_blocks: list[bool]  # per block: some w > C (token level with a cap)
-    shift_sum: float = 0.0  # sum (w - 1)
     d2_sum: float = 0.0  # sum delta^2 (M2PO's second moment)
-    w_sum: float = 0.0
     wt_sum: float = 0.0
     n_truncated: int = 0
+    n_low: int = 0  # tokens below the band's lower bound
+    n_high: int = 0  # tokens above the band's upper bound
     d_min: float = math.inf
     d_max: float = -math.inf
 
 
-def _blocks(starts: np.ndarray, n: int) -> list[tuple[int, int, int, int]]:
+def _blocks(starts: np.ndarray, n: int) -> Blocks:
     """(first sequence, end sequence, first token, end token) of blocks of whole sequences."""
     firsts = np.unique(np.searchsorted(starts, np.arange(0, n, _BLOCK_TOKENS)))
     firsts = firsts[firsts < starts.size].tolist()
@@ -360,36 +387,57 @@ def _blocks(starts: np.ndarray, n: int) -> list[tuple[int, int, int, int]]:
     return list(zip(seq_bounds[:-1], seq_bounds[1:], tok_bounds[:-1], tok_bounds[1:], strict=True))
 
 
+def _token_band(config: CorrectionConfig) -> tuple[float, float] | None:
+    """[lo, hi] on the token ratio that mis (token level) and IcePop keep together, or None for no band.
+
+    Two lower bounds on the same weight combine into their maximum (w < a or w < b iff w < max(a, b)),
+    two upper bounds into their minimum, so one pair of comparisons per token gives the masks and counts.
+    """
+    lo, hi = 0.0, math.inf
+    if config.mode is CorrectionMode.MIS:
+        lo, hi = mis_bounds(config.cap)
+    if config.mask_ratio_lo is not None:
+        lo = max(lo, config.mask_ratio_lo)
+    if config.mask_ratio_hi is not None:
+        hi = min(hi, config.mask_ratio_hi)
+    return None if lo == 0.0 and hi == math.inf else (lo, hi)
+
+
 def _sweep(
     lp_pi: np.ndarray,
     lp_mu: np.ndarray,
     lengths: np.ndarray,
     advantages: np.ndarray,
     starts: np.ndarray,
-    blocks: list[tuple[int, int, int, int]],
+    blocks: Blocks,
     config: CorrectionConfig,
+    band: tuple[float, float] | None,
 ) -> _Sweep:
-    """One blocked pass: validates the log-probabilities and gathers every token-level sum."""
+    """One blocked pass: validates the log-probabilities, gathers every token-level sum, and applies the
+    token-level ratio band (token level only), counting the tokens below and above it."""
     n, n_seq, cap = lp_pi.size, lengths.size, config.cap
     token_level = config.level is WeightLevel.TOKEN
     out = _Sweep(
         seq_delta=np.empty(n_seq),
+        seq_w=np.empty(n_seq),
         seq_w2=np.empty(n_seq),
         seq_wt2=np.empty(n_seq) if token_level and cap is not None else None,
         seq_wmin=np.empty(n_seq) if config.veto_threshold is not None else None,
         w=np.empty(n) if token_level else None,
+        keep=np.empty(n, dtype=bool) if band is not None else None,
         truncated_blocks=[],
     )
     size = max(t1 - t0 for _, _, t0, t1 in blocks)
-    d_buf, x_buf = np.empty(size), np.empty(size)
+    d_buf, x_buf, b_buf = np.empty(size), np.empty(size), np.empty(size, dtype=bool)
     for s0, s1, t0, t1 in blocks:
         m = t1 - t0
         pi, mu = lp_pi[t0:t1], lp_mu[t0:t1]
+        # float32 inputs (the wire's) are widened block by block, in the cache: the difference is exact.
+        d = np.subtract(pi, mu, out=d_buf[:m], dtype=np.float64)
         # max propagates NaN and catches +inf; -inf shows up as a non-finite delta below. Any
         # failure runs the full check, which names the first bad value.
-        if not (pi.max() <= LOGPROB_TOLERANCE and mu.max() <= LOGPROB_TOLERANCE):
+        if not (float(pi.max()) <= LOGPROB_TOLERANCE and float(mu.max()) <= LOGPROB_TOLERANCE):
             _check_values(lp_pi, lp_mu, lengths, advantages)
-        d = np.subtract(pi, mu, out=d_buf[:m])
         lo, hi = float(d.min()), float(d.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             _check_values(lp_pi, lp_mu, lengths, advantages)
@@ -400,18 +448,20 @@ def _sweep(
         out.d_min, out.d_max = min(out.d_min, lo), max(out.d_max, hi)
         local = starts[s0:s1] - t0
         np.add.reduceat(d, local, out=out.seq_delta[s0:s1])
-        out.d2_sum += _dot(d, d)
+        out.d2_sum += float(np.einsum("i,i->", d, d))  # one pass, numpy's own loop (no BLAS threads)
         w = np.exp(d, out=out.w[t0:t1] if out.w is not None else x_buf[:m])
-        x = np.subtract(w, 1.0, out=d)  # the block's deltas are summed: reuse their memory
-        shift = float(x.sum())
-        out.shift_sum += shift
-        # w - 1 is exact for w in [0.5, 2] (Sterbenz), so m + sum(w - 1) is sum w to rounding.
-        w_sum = m + shift if lo >= _EXACT_SHIFT_MIN_DELTA else float(w.sum())
-        out.w_sum += w_sum
-        np.multiply(w, w, out=x)
+        np.add.reduceat(w, local, out=out.seq_w[s0:s1])
+        x = np.multiply(w, w, out=d)  # the block's deltas are summed: reuse their memory
         np.add.reduceat(x, local, out=out.seq_w2[s0:s1])
         if out.seq_wmin is not None:
             np.minimum.reduceat(w, local, out=out.seq_wmin[s0:s1])
+        if out.keep is not None and band is not None:
+            keep, above = out.keep[t0:t1], b_buf[:m]
+            np.greater_equal(w, band[0], out=keep)
+            np.less_equal(w, band[1], out=above)
+            out.n_low += m - int(np.count_nonzero(keep))
+            out.n_high += m - int(np.count_nonzero(above))
+            np.logical_and(keep, above, out=keep)
         if out.seq_wt2 is not None:
             truncated = float(np.exp(hi)) > cap  # exp is monotone: the block's largest weight
             out.truncated_blocks.append(truncated)
@@ -421,7 +471,7 @@ def _sweep(
                 out.n_truncated += int(np.count_nonzero(w > cap))
                 np.add.reduceat(np.multiply(wt, wt, out=x), local, out=out.seq_wt2[s0:s1])
             else:
-                out.wt_sum += w_sum
+                out.wt_sum += float(out.seq_w[s0:s1].sum())
                 out.seq_wt2[s0:s1] = out.seq_w2[s0:s1]
     return out
 
@@ -433,26 +483,107 @@ def _seq_moments(ws: np.ndarray, lengths_f: np.ndarray, a2: np.ndarray, adv_sq: 
                     float(ws.min()), float(ws.max()))  # fmt: skip
 
 
-def _token_coefficients(
-    sweep: _Sweep, blocks: list[tuple[int, int, int, int]], cap: float | None, alpha: float, keep: np.ndarray | None
-) -> np.ndarray:
-    """c = (1 - alpha) + alpha * min(w, C), times keep, written over the sweep's weights block by block."""
+@dataclass(frozen=True)
+class _LossWeights:
+    """The per-token loss coefficients and the statistics of the kept tokens' loss weights."""
+
+    coef: np.ndarray  # float64[N]
+    n_kept: int
+    mean: float  # of the loss weights (wt, over their self-normalization mean) over the kept tokens
+    std: float
+
+
+def _kept_moments(n_kept: int, total: float, total_sq: float, norm: float) -> tuple[float, float]:
+    """Mean and standard deviation of x / norm over n_kept values with sum x and sum x^2."""
+    if n_kept == 0:
+        return 0.0, 0.0
+    mean = total / norm / n_kept
+    return mean, math.sqrt(max(total_sq / (norm * norm) / n_kept - mean * mean, 0.0))
+
+
+def _token_loss_weights(
+    sweep: _Sweep, blocks: Blocks, cap: float | None, alpha: float, keep: np.ndarray | None, normalize: bool
+) -> _LossWeights:
+    """c = keep * ((1 - alpha) + alpha * min(w, C) / norm), written over the sweep's weights block by block.
+
+    norm is the mean of min(w, C) over the kept tokens with self-normalization, else 1. Without a mask
+    the kept tokens' sums are the sweep's; with one they are gathered by a first pass over the blocks,
+    which also zeroes the masked weights (one pass in all without self-normalization).
+    """
     coef = sweep.w
     assert coef is not None
     truncated = sweep.truncated_blocks or [False] * len(blocks)
+    if keep is None:
+        n_kept = coef.size
+        if sweep.seq_wt2 is not None:
+            total, total_sq = sweep.wt_sum, float(sweep.seq_wt2.sum())
+        else:
+            total, total_sq = float(sweep.seq_w.sum()), float(sweep.seq_w2.sum())
+    else:
+        n_kept, total, total_sq = int(np.count_nonzero(keep)), 0.0, 0.0
+    norm = total / n_kept if normalize and n_kept and keep is None else 1.0
+    scale = alpha / norm  # provisional without a mask: self-normalization needs the kept sum first
+
+    def mix(c: np.ndarray, kb: np.ndarray | None, scale: float) -> None:
+        if alpha == 0.0:
+            if kb is None:
+                c.fill(1.0)
+            else:
+                np.copyto(c, kb)
+            return
+        if scale != 1.0:
+            np.multiply(c, scale, out=c)
+        if alpha != 1.0:
+            np.add(c, 1.0 - alpha, out=c)
+            if kb is not None:
+                np.multiply(c, kb, out=c)
+
+    deferred = keep is not None and normalize
     for (_, _, t0, t1), clipped in zip(blocks, truncated, strict=True):
         c = coef[t0:t1]
-        if alpha == 0.0:
-            c.fill(1.0)
-        else:
-            if clipped:
-                np.minimum(c, cap, out=c)
-            if alpha != 1.0:
-                np.multiply(c, alpha, out=c)
-                np.add(c, 1.0 - alpha, out=c)
+        if clipped:
+            np.minimum(c, cap, out=c)
+        kb = None
         if keep is not None:
-            np.multiply(c, keep[t0:t1], out=c)
-    return coef
+            kb = keep[t0:t1]
+            np.multiply(c, kb, out=c)
+            total += float(c.sum())
+            total_sq += float(np.einsum("i,i->", c, c))
+        if not deferred:
+            mix(c, kb, scale)
+    if deferred:
+        norm = total / n_kept if n_kept else 1.0
+        for _, _, t0, t1 in blocks:
+            mix(coef[t0:t1], keep[t0:t1] if keep is not None else None, alpha / norm)
+    mean, std = _kept_moments(n_kept, total, total_sq, norm)
+    return _LossWeights(coef, n_kept, mean, std)
+
+
+def _sequence_loss_weights(
+    wts: np.ndarray, lengths: np.ndarray, lengths_f: np.ndarray, alpha: float, seq_keep: np.ndarray | None,
+    normalize: bool,
+) -> _LossWeights:  # fmt: skip
+    """Sequence levels: every token of s carries (1 - alpha) + alpha * wts[s] / norm, or 0 if s is dropped;
+    norm is the mean of wts over the kept sequences with self-normalization, else 1."""
+    kept = wts if seq_keep is None else wts[seq_keep]
+    kept_len = lengths_f if seq_keep is None else lengths_f[seq_keep]
+    norm = float(kept.mean()) if normalize and kept.size else 1.0
+    seq_coef = (1.0 - alpha) + alpha * (wts / norm)
+    if seq_keep is not None:
+        seq_coef = np.where(seq_keep, seq_coef, 0.0)
+    n_kept = int(kept_len.sum())
+    mean, std = _kept_moments(n_kept, _dot(kept_len, kept), _dot(kept_len, kept * kept), norm)
+    return _LossWeights(np.repeat(seq_coef, lengths), n_kept, mean, std)
+
+
+def _needs_general_path(config: CorrectionConfig) -> bool:
+    """Masks the blocked path does not apply: divergence rejection, M2PO, IcePop at sequence levels."""
+    icepop = config.mask_ratio_lo is not None or config.mask_ratio_hi is not None
+    return (
+        config.reject_rule is not None
+        or config.m2po_threshold is not None
+        or (icepop and config.level is not WeightLevel.TOKEN)
+    )
 
 
 def compute_coefficient(
@@ -471,25 +602,29 @@ def compute_coefficient(
     if not np.isfinite(advantages).all():
         _check_values(lp_pi, lp_mu, lengths, advantages)
     n, n_seq, cap, level = lp_pi.size, lengths.size, config.cap, config.level
+    token_level = level is WeightLevel.TOKEN
+    general = _needs_general_path(config)
     starts = sequence_starts(lengths)
     blocks = _blocks(starts, n)
-    sweep = _sweep(lp_pi, lp_mu, lengths, advantages, starts, blocks, config)
+    band = _token_band(config) if token_level and not general else None
+    sweep = _sweep(lp_pi, lp_mu, lengths, advantages, starts, blocks, config, band)
 
     lengths_f = lengths.astype(np.float64)
     a = _unit_advantages(advantages)
     a2 = a * a
     adv_sq = _dot(lengths_f, a2)  # sum over tokens of a_i^2
     delta_sum = float(sweep.seq_delta.sum())
-    kl = max((sweep.shift_sum - delta_sum) / n, 0.0)  # mean(w - 1 - delta), each term >= 0
+    # mean(w - 1 - delta), each term >= 0; L_s leaves each sequence's sum of w exactly (Sterbenz).
+    kl = max((float((sweep.seq_w - lengths_f).sum()) - delta_sum) / n, 0.0)
     w_tok_sq = float(sweep.seq_w2.sum())
     chi2_token = w_tok_sq / n - 1.0
     w_seq = np.exp(np.clip(sweep.seq_delta, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     chi2_sequence = float(np.mean(w_seq * w_seq)) - 1.0
 
-    if level is WeightLevel.TOKEN:
+    if token_level:
         # exp is monotone, so the extreme weights are the exps of the extreme deltas.
         w_min, w_max = float(np.exp(sweep.d_min)), float(np.exp(sweep.d_max))
-        raw = _Moments(n, sweep.w_sum, w_tok_sq, _dot(sweep.seq_w2, a2), adv_sq, w_min, w_max)
+        raw = _Moments(n, float(sweep.seq_w.sum()), w_tok_sq, _dot(sweep.seq_w2, a2), adv_sq, w_min, w_max)
         if cap is not None and w_max > cap:
             assert sweep.seq_wt2 is not None
             applied = _Moments(n, sweep.wt_sum, float(sweep.seq_wt2.sum()), _dot(sweep.seq_wt2, a2), adv_sq,
@@ -521,31 +656,48 @@ def compute_coefficient(
         off_policy = (advantages < 0.0) & (-sweep.seq_delta / lengths_f > config.opsm_kl_threshold)
         n_opsm = int(lengths[off_policy].sum())
         seq_keep &= ~off_policy
+    n_low, n_high = sweep.n_low, sweep.n_high
+    if not token_level and not general and config.mode is CorrectionMode.MIS:  # mis drops whole sequences
+        lo_w, hi_w = mis_bounds(cap)
+        low, high = ws < lo_w, ws > hi_w
+        n_low, n_high = int(lengths[low].sum()), int(lengths[high].sum())
+        seq_keep &= ~(low | high)
     seq_masking = not seq_keep.all()
 
     ess_seq = min(float(w_seq.sum()) ** 2 / _dot(w_seq, w_seq), float(n_seq))
-    if needs_token_pass(config) or seq_masking:
-        # The general path: every mask and the loss weights on explicit per-token arrays.
+    if general:
+        # Divergence rejection, M2PO or IcePop at a sequence level: the masks on explicit per-token arrays.
         # Token level: the sweep's weights are exp of the clamped deltas, the carried weights themselves.
         carried = sweep.w if sweep.w is not None else np.repeat(ws, lengths)
         outcome = apply_corrections(carried, lengths, config, np.repeat(seq_keep, lengths) if seq_masking else None,
                                     lambda: log_ratios(lp_pi, lp_mu))  # fmt: skip
         keep = outcome.keep
-        token_coef = np.where(keep, (1.0 - alpha) + alpha * outcome.weights, 0.0)
-        n_kept = int(np.count_nonzero(keep))
-        kept_w = outcome.weights[keep]
-        w_mean, w_std = (float(kept_w.mean()), float(kept_w.std())) if n_kept else (0.0, 0.0)
         counts = (outcome.n_low, outcome.n_high, outcome.n_rejected, outcome.n_m2po)
-    else:  # nothing masked, plain applied weights: the blocked fast path
-        if level is WeightLevel.TOKEN:
-            token_coef = _token_coefficients(sweep, blocks, cap, alpha, None)
+        if token_level:  # the loss weights and their kept-token statistics on the blocked path
+            loss = _token_loss_weights(sweep, blocks, cap, alpha, keep, config.self_normalize)
+            token_coef, n_kept, w_mean, w_std = loss.coef, loss.n_kept, loss.mean, loss.std
         else:
-            token_coef = np.repeat((1.0 - alpha) + alpha * wts, lengths)
-        keep = np.ones(n, dtype=bool)
-        n_kept = n
-        w_mean = applied_stats.weight_mean
-        w_std = math.sqrt(max(applied.total_sq / n - w_mean * w_mean, 0.0))
-        counts = (0, 0, 0, 0)
+            weights = applied_weights(carried, cap)
+            if config.self_normalize:
+                weights = self_normalized(weights, keep, lengths, level)
+            token_coef = np.where(keep, (1.0 - alpha) + alpha * weights, 0.0)
+            n_kept = int(np.count_nonzero(keep))
+            kept_w = weights[keep]
+            w_mean, w_std = (float(kept_w.mean()), float(kept_w.std())) if n_kept else (0.0, 0.0)
+    else:  # the blocked path: mis, veto, opsm, IcePop (token level) and self-normalization
+        if token_level:
+            keep_mask = sweep.keep
+            if seq_masking:
+                expanded = np.repeat(seq_keep, lengths)
+                keep_mask = expanded if keep_mask is None else np.logical_and(keep_mask, expanded, out=keep_mask)
+            loss = _token_loss_weights(sweep, blocks, cap, alpha, keep_mask, config.self_normalize)
+        else:
+            keep_mask = np.repeat(seq_keep, lengths) if seq_masking else None
+            loss = _sequence_loss_weights(wts, lengths, lengths_f, alpha, seq_keep if seq_masking else None,
+                                          config.self_normalize)  # fmt: skip
+        token_coef, n_kept, w_mean, w_std = loss.coef, loss.n_kept, loss.mean, loss.std
+        keep = keep_mask if keep_mask is not None else np.ones(n, dtype=bool)
+        counts = (n_low, n_high, 0, 0)
     corrections = CorrectionStats(
         frac_mask_low=counts[0] / n, frac_mask_high=counts[1] / n, frac_rejected=counts[2] / n,
         frac_m2po=counts[3] / n, frac_kept=n_kept / n, weight_std=w_std, loss_weight_mean=w_mean,

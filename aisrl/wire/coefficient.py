@@ -3,7 +3,8 @@
 Invariant: every decoding error is a BatchValidationError naming the offending field
 (`lp_pi`, `lengths`, `config.cap`, ...), so both gRPC (INVALID_ARGUMENT) and REST (422)
 report the same field; nothing is defaulted silently. Large arrays are float32 little-endian
-bytes on the wire and float64 in the core.
+bytes on the wire, decoded as float32 views of the message's bytes (no copy); the core widens them
+to float64 block by block as it computes.
 """
 
 from __future__ import annotations
@@ -86,10 +87,14 @@ def config_to_pb(config: CorrectionConfig) -> common_pb2.CorrectionConfig:
 
 
 def float32_le(data: bytes, field: str) -> np.ndarray:
-    """float32 little-endian bytes -> float64 array; the byte count must be a multiple of 4."""
+    """float32 little-endian bytes -> a read-only float32 view of them; the byte count must be a multiple of 4.
+
+    No float64 copy: `compute_coefficient` widens float32 in the cache, block by block, with the same
+    results (bench/bench_ais.py, regime "fp8-like ais, float32 in": the copy cost as much as the computation).
+    """
     if len(data) % 4:
         raise BatchValidationError(field, f"{len(data)} bytes is not a whole number of float32 values")
-    return np.frombuffer(data, dtype="<f4").astype(np.float64)
+    return np.frombuffer(data, dtype="<f4")
 
 
 def batch_from_pb(pb: diagnostics_pb2.MismatchBatch) -> MismatchArrays:

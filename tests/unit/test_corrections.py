@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+import aisrl.core.ais as ais
 from aisrl.core.ais import arrays_from_ragged, compute_coefficient
 from aisrl.core.corrections import m2po_keep, reject_drop
 from aisrl.core.grpo import mixed_ppo_loss
@@ -194,6 +195,35 @@ def test_masks_only_remove_tokens_and_never_move_the_shadow_alpha(batch, spec):
 
 
 @PROFILE
+@given(
+    batch=batches(),
+    spec=mask_configs,
+    cap=st.none() | st.floats(0.5, 5.0),
+    veto=st.none() | st.floats(1e-3, 1.0),
+    opsm=st.none() | st.floats(0.0, 2.0),
+)
+def test_blocked_path_agrees_with_the_per_token_path(batch, spec, cap, veto, opsm):
+    """mis, veto, opsm, IcePop (token level) and self-normalization run on the blocked path; forced onto the
+    general per-token path (aisrl.core.corrections.apply_corrections) they give the same masks and weights."""
+    spec = spec | {"reject": None, "m2po_threshold": None}
+    config = _config(spec).model_copy(update={"cap": cap, "veto_threshold": veto, "opsm_kl_threshold": opsm})
+    got = compute_coefficient(batch, config)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ais, "_needs_general_path", lambda _config: True)
+        want = compute_coefficient(batch, config)
+    np.testing.assert_array_equal(got.token_keep, want.token_keep)
+    np.testing.assert_allclose(got.token_coef, want.token_coef, rtol=1e-12, atol=0)
+    assert got.frac_masked == want.frac_masked and got.alpha == want.alpha
+    for key in ("frac_mask_low", "frac_mask_high", "frac_kept", "ess_sequence", "m2"):
+        assert getattr(got.corrections, key) == getattr(want.corrections, key), key
+    mean = want.corrections.loss_weight_mean
+    assert got.corrections.loss_weight_mean == pytest.approx(mean, rel=1e-12)
+    # The blocked path's std comes from sums of x and x^2 (ais.py, numerical notes): cancellation costs up to
+    # about sqrt(n * eps) of the weights' size, against the per-token path's two-pass std.
+    assert got.corrections.weight_std == pytest.approx(want.corrections.weight_std, rel=1e-9, abs=1e-6 * mean)
+
+
+@PROFILE
 @given(batch=batches(), lo=st.floats(0.0, 1.0), hi=st.floats(1.0001, 10.0))
 def test_icepop_keeps_exactly_the_ratios_inside_its_bounds(batch, lo, hi):
     got = compute_coefficient(batch, CorrectionConfig(mode="tis", cap=None, mask_ratio_lo=lo, mask_ratio_hi=hi))
@@ -217,6 +247,14 @@ def test_m2po_masks_the_fewest_largest_tokens_that_bring_m2_under_the_threshold(
         back = keep.copy()
         back[np.flatnonzero(~keep)[np.argmin(q[~keep])]] = True
         assert q[back].mean() > tau * (1 - 1e-12)
+
+
+def test_m2po_masks_the_later_of_equal_tokens_first():
+    # delta^2 = 0.25 three times: the first stays (mean (0.25 + 0.01 + 0) / 3 = 0.087 <= 0.1), the later two go.
+    keep = m2po_keep(np.array([0.5, 0.1, -0.5, 0.5, 0.0]), np.ones(5, dtype=bool), 0.1)
+    np.testing.assert_array_equal(keep, [True, True, False, False, True])
+    masked_first = m2po_keep(np.array([0.5, 0.1, -0.5, 0.5, 0.0]), np.array([False, True, True, True, True]), 0.1)
+    np.testing.assert_array_equal(masked_first, [False, True, True, False, True])
 
 
 @PROFILE
