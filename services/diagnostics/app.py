@@ -64,9 +64,15 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
         metrics = DiagnosticsMetrics()
         history = History(client, prefix=settings.key_prefix, limit=settings.history_limit)
         service = CoefficientService(history, metrics, offload_tokens=settings.offload_tokens)
-        server, grpc_port, health = await start_grpc_server(
-            service, settings.grpc_host, settings.grpc_port, settings.max_message_mb
-        )
+        try:
+            server, grpc_port, health = await start_grpc_server(
+                service, settings.grpc_host, settings.grpc_port, settings.max_message_mb
+            )
+        except OSError as exc:  # uvicorn would only log it and exit: start_diagnostics raises it instead
+            app.state.startup_error = exc
+            await client.aclose()
+            yield
+            return
         app.state.service, app.state.metrics, app.state.grpc_port = service, metrics, grpc_port
         try:
             yield
