@@ -125,9 +125,20 @@ def dashboard_path(run_id: str, compare: Sequence[str] = ()) -> str:
     return f"/v1/runs/{quote(run_id, safe='')}/dashboard{query}"
 
 
-def render_dashboard(run_ids: Sequence[str], root_path: str = "", max_points: int = DEFAULT_MAX_POINTS) -> str:
+def _inline_script(path: Path) -> str:
+    # "</script" inside a script would end it early; "<\\/" means the same in JS strings and regexes.
+    return "<script>" + path.read_text(encoding="utf-8").replace("</script", "<\\/script") + "</script>"
+
+
+def render_dashboard(
+    run_ids: Sequence[str],
+    root_path: str = "",
+    max_points: int = DEFAULT_MAX_POINTS,
+    snapshot: Sequence[dict[str, Any]] | None = None,
+) -> str:
     """The page for one run, or several overlaid (the first is the one whose latest batch is tabled). The charts
-    are drawn by dashboard.js from GET /v1/runs/<run>/series, refreshed every REFRESH_S seconds."""
+    are drawn by dashboard.js from GET /v1/runs/<run>/series, refreshed every REFRESH_S seconds; with `snapshot`
+    (series_payload of each run) the page is a self-contained file instead: data and scripts inline, no refresh."""
     title = "AIS-RL diagnostics: " + " vs ".join(run_ids)
     config = {
         "runs": list(run_ids),
@@ -136,13 +147,20 @@ def render_dashboard(run_ids: Sequence[str], root_path: str = "", max_points: in
         "latest_fields": LATEST_FIELDS,
         "max_points": max_points,
         "refresh_s": REFRESH_S,
+        "snapshot": list(snapshot) if snapshot is not None else None,
     }
     # "</" cannot end the script element early: JSON escapes of "<" keep any run name inert.
     data = json.dumps(config).replace("<", "\\u003c")
     charts = "".join(f'<div class="card"><div id="chart-{c["id"]}" class="chart"></div></div>' for c in CHARTS)
+    if snapshot is None:
+        scripts = "".join(f'<script src="{html.escape(root_path)}/static/{name}"></script>' for name in STATIC_FILES)
+        back = f'<p><a href="{html.escape(root_path)}/">all runs</a></p>'
+    else:
+        scripts = "".join(_inline_script(path) for path in STATIC_FILES.values())
+        back = '<p class="note">A snapshot saved from the diagnostics service; it does not refresh.</p>'
     return (
         _head(title)
-        + f'<h1>{html.escape(title)}</h1><p><a href="{html.escape(root_path)}/">all runs</a></p>'
+        + f"<h1>{html.escape(title)}</h1>{back}"
         + '<p id="status" class="note">loading...</p><ul id="sampling" class="note"></ul>'
         + '<p class="note">Dashed red lines are health thresholds (ESS/N &lt; '
         + f"{RELIABILITY_THRESHOLD}, kl &gt; {KL_THRESHOLD}). The shadow alpha is what ais mode would use on the "
@@ -152,8 +170,7 @@ def render_dashboard(run_ids: Sequence[str], root_path: str = "", max_points: in
         + f'<div class="grid">{charts}</div>'
         + '<h2 id="latest-title">Latest batch</h2><table id="latest"></table><div id="warnings"></div>'
         + f'<script type="application/json" id="dashboard-config">{data}</script>'
-        + f'<script src="{html.escape(root_path)}/static/plotly.min.js"></script>'
-        + f'<script src="{html.escape(root_path)}/static/dashboard.js"></script>'
+        + scripts
         + "</body></html>"
     )
 

@@ -157,3 +157,20 @@ def test_index_page_links_each_run_to_its_dashboard(diagnostics, browser):
     WebDriverWait(browser, 30).until(lambda d: int(d.execute_script("return document.body.dataset.rendered || 0")))
     assert browser.current_url.endswith("/v1/runs/browser-index/dashboard")
     assert _markers(browser, "alpha") == [2, 2]
+
+
+def test_saved_snapshot_opens_without_the_service(diagnostics, browser, tmp_path):
+    """The file `aisrl demo --diagnostics-only` saves: data and scripts inline, opened from disk."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from aisrl.services.diagnostics.dashboard import render_dashboard
+
+    url, grpc_target = diagnostics
+    record(grpc_target, "browser-snapshot", range(5))
+    series = httpx.get(f"{url}/v1/runs/browser-snapshot/series").json()
+    page = tmp_path / "dashboard.html"
+    page.write_text(render_dashboard(["browser-snapshot"], snapshot=[series]))
+    assert "<script src=" not in page.read_text()
+    browser.get(page.as_uri())
+    WebDriverWait(browser, 30).until(lambda d: int(d.execute_script("return document.body.dataset.rendered || 0")))
+    assert _markers(browser, "alpha") == [5, 5] and _markers(browser, "kl") == [5]

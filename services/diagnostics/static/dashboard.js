@@ -69,7 +69,7 @@
     const status = document.getElementById("status");
     const first = all[0];
     const when = new Date().toLocaleTimeString();
-    status.textContent = all.map((s) => s.run_id + ": " + s.total + " batches, latest step " + s.latest_step + ", mode " + s.mode + ", level " + s.level).join("; ") + " (refreshed " + when + ", every " + cfg.refresh_s + " s)";
+    status.textContent = all.map((s) => s.run_id + ": " + s.total + " batches, latest step " + s.latest_step + ", mode " + s.mode + ", level " + s.level).join("; ") + (cfg.snapshot ? "" : " (refreshed " + when + ", every " + cfg.refresh_s + " s)");
     const sampling = document.getElementById("sampling");
     sampling.replaceChildren();
     all.forEach((s) => {
@@ -101,7 +101,7 @@
 
   async function refresh() {
     try {
-      const all = await Promise.all(cfg.runs.map(fetchSeries));
+      const all = cfg.snapshot || (await Promise.all(cfg.runs.map(fetchSeries)));
       cfg.charts.forEach((chart) => Plotly.react("chart-" + chart.id, traces(chart, all), layout(chart), { displayModeBar: false }));
       describe(all);
       document.body.dataset.rendered = String(Number(document.body.dataset.rendered || 0) + 1);
@@ -111,5 +111,5 @@
   }
 
   refresh();
-  setInterval(refresh, cfg.refresh_s * 1000);
+  if (!cfg.snapshot) setInterval(refresh, cfg.refresh_s * 1000);
 })();
