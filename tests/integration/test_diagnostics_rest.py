@@ -328,3 +328,19 @@ async def test_grpc_reflection_lists_the_services(service):
         replies = [reply async for reply in call]
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"aisrl.v1.Diagnostics", "grpc.health.v1.Health"} <= names
+
+
+async def test_grpc_reflection_can_be_turned_off(redis_url):
+    settings = DiagnosticsSettings(http_port=0, grpc_port=0, redis_url=redis_url, grpc_reflection=False)
+    running = await start_diagnostics(settings, redis_url)
+    try:
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        async with grpc.aio.insecure_channel(running.grpc_target) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                _ = [reply async for reply in stub.ServerReflectionInfo(iter([request]), timeout=10)]
+        assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await running.stop()
