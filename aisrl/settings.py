@@ -43,6 +43,18 @@ def allows_none(annotation: Any) -> bool:
     )
 
 
+def _file_env_init_sources(
+    cls: type[BaseSettings],
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    env_settings: PydanticBaseSettingsSource,
+    dotenv_settings: PydanticBaseSettingsSource,
+    file_secret_settings: PydanticBaseSettingsSource,
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    # Command line (init) > environment > YAML file (`yaml_file`; none: nothing) > defaults.
+    return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+
 class NullableSettings(BaseSettings):
     """Settings whose optional fields read `null`, `none` or an empty value (any case) as None, from any source."""
 
@@ -55,17 +67,7 @@ class NullableSettings(BaseSettings):
                 return None
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Command line (init) > environment > YAML file (`yaml_file`, set by load_settings) > defaults.
-        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+    settings_customise_sources = classmethod(_file_env_init_sources)  # type: ignore[assignment]
 
 
 class CommonSettings(NullableSettings):
@@ -174,7 +176,8 @@ def settings_class_with_file(settings_cls: type[S], config: str | Path | None) -
         return settings_cls
     read_settings_file(config)  # a clear error for a missing or malformed file before pydantic reads it
     model_config = SettingsConfigDict(**{**settings_cls.model_config, "yaml_file": str(config)})  # type: ignore[typeddict-item]
-    return type(settings_cls.__name__, (settings_cls,), {"model_config": model_config})  # type: ignore[return-value]
+    namespace = {"model_config": model_config, "settings_customise_sources": classmethod(_file_env_init_sources)}
+    return type(settings_cls.__name__, (settings_cls,), namespace)  # type: ignore[return-value]
 
 
 def read_settings_file(path: str | Path) -> dict[str, Any]:

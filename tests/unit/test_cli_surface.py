@@ -79,6 +79,17 @@ def test_config_file_is_overridden_by_env_then_options(monkeypatch, tmp_path):
     assert missing.exit_code == 2 and "no such file" in missing.output
 
 
+def test_model_init_reads_its_config_file(tmp_path):
+    from aisrl.models.config import WarmStartSettings
+
+    config = tmp_path / "model.yaml"
+    config.write_text("steps: 3\ntask: sudoku\n")
+    probe, seen = _capturing_app(WarmStartSettings)
+    result = CliRunner().invoke(probe, ["run", "--config", str(config), "--steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].steps, seen[0].task) == (5, "sudoku")
+
+
 @pytest.mark.parametrize("command", ["diagnostics", "learner", "rollout", "up", "model init"])
 def test_every_service_takes_a_config_file(command):
     result = CliRunner().invoke(app, [*command.split(), "--help"], env=WIDE)
