@@ -55,6 +55,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		echo "NOTE: no chromium/chromedriver found: the dashboard's browser test will be SKIPPED (install: apt-get install chromium chromium-driver)"
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)

@@ -20,6 +20,7 @@ from aisrl.core.synthetic import synthetic_batch
 from aisrl.core.types import CorrectionConfig
 from aisrl.redis_conn import start_embedded_redis
 from aisrl.services.diagnostics.config import DiagnosticsSettings
+from aisrl.services.diagnostics.dashboard import render_dashboard
 from aisrl.services.diagnostics.main import start_diagnostics
 from aisrl.v1 import diagnostics_pb2_grpc
 from aisrl.wire.coefficient import batch_to_pb
@@ -59,7 +60,8 @@ async def _demo(steps: int, keep_serving: bool, console: Console, out_dir: Path)
             console.print(table)
             async with httpx.AsyncClient(base_url=running.http_url, timeout=10) as http:
                 latest = (await http.get(f"/v1/runs/{RUN_ID}/coefficient")).json()
-                page = (await http.get(f"/v1/runs/{RUN_ID}/dashboard")).text
+                series = (await http.get(f"/v1/runs/{RUN_ID}/series")).json()
+            page = render_dashboard([RUN_ID], snapshot=[series])  # a file that opens without the service
             out_dir.mkdir(parents=True, exist_ok=True)
             dashboard = out_dir / "dashboard.html"
             dashboard.write_text(page)

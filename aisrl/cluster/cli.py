@@ -30,7 +30,11 @@ def default_config() -> Path | None:
 
 def _config_parameter() -> inspect.Parameter:
     option = typer.Option(
-        None, "--config", help=f"Cluster YAML file (default: {DEFAULT_CONFIG} when present).", show_default=False
+        None,
+        "--config",
+        metavar="FILE",
+        help=f"Cluster YAML file (default: {DEFAULT_CONFIG} when present).",
+        show_default=False,
     )
     return inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Path | None)
 

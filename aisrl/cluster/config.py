@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aisrl.models.config import WarmStartSettings
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 from aisrl.services.learner.config import LearnerSettings
 from aisrl.services.rollout.config import RolloutSettings
+from aisrl.settings import NullableSettings, read_settings_file
 from aisrl.streams import RUN_ID_PATTERN
 
 SERVICE_SETTINGS: dict[str, type[BaseSettings]] = {
@@ -74,13 +74,11 @@ def check_overrides(
     accepted where the environment would give strings), without reading the environment.
     """
     fields = list(settings_cls.model_fields)
-    for key, value in values.items():
+    for key in values:
         if key in managed:
             raise SettingsError(f"{where}.{key}: set by the cluster (use {managed[key]} instead)")
         if key not in fields:
             raise SettingsError(f"{where}.{key}: not a setting of {settings_cls.__name__}{_suggest(key, fields)}")
-        if value is None:
-            raise SettingsError(f"{where}.{key}: null cannot be passed as an environment variable; leave it out")
     try:
         settings_cls.model_validate(values)
     except ValidationError as exc:
@@ -125,7 +123,7 @@ def default_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S")
 
 
-class ClusterSettings(BaseSettings):
+class ClusterSettings(NullableSettings):
     """Start Redis, diagnostics, the learner and N rollout replicas on this machine and train until `steps`."""
 
     model_config = SettingsConfigDict(
@@ -202,18 +200,6 @@ class ClusterSettings(BaseSettings):
                 raise SettingsError(f"threads.{name}: must be between 1 and 1024, got {count}")
         return values
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Command line (init) > environment > YAML file (see load_cluster_settings) > defaults.
-        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
-
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.run_id
@@ -229,16 +215,10 @@ class ClusterSettings(BaseSettings):
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping a cluster YAML file holds; a clear error for a missing file or a non-mapping."""
-    p = Path(path)
-    if not p.is_file():
-        raise SettingsError(f"--config {p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"--config {p}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"--config {p}: expected a mapping of settings at the top level")
-    return data
+        return read_settings_file(path)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def load_cluster_settings(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ClusterSettings:

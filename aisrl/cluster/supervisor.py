@@ -69,9 +69,12 @@ def tail(path: Path, lines: int = TAIL_LINES, max_bytes: int = 64 << 10) -> str:
 
 
 def last_error(text: str) -> str | None:
-    """The exception line of the last Python traceback in text (`ValueError: ...`), if there is one."""
+    """The last failure in text: the exception line of a Python traceback (`ValueError: ...`) or the CLI's
+    one-line `error: ...` (aisrl.cli_errors), whichever comes last; None when there is neither."""
     lines = text.splitlines()
     for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error: "):
+            return lines[i].strip()
         if lines[i].startswith("Traceback (most recent call last)"):
             for line in lines[i + 1 :]:
                 if line and not line.startswith((" ", "\t")):

@@ -124,8 +124,14 @@ def env_value(value: Any) -> str:
 
 
 def settings_env(settings_cls: type[BaseSettings], values: Mapping[str, Any]) -> dict[str, str]:
-    """{ENV_NAME: text} for settings given by field name; None values are left out (the field's unset)."""
-    return {env_name(settings_cls, k): env_value(v) for k, v in values.items() if v is not None}
+    """{ENV_NAME: text} for settings given by field name. None is written as `null` where the field's default is
+    something else (e.g. `correction_cap: null`, no cap); where the default is None it is left out."""
+    fields = settings_cls.model_fields
+    return {
+        env_name(settings_cls, k): "null" if v is None else env_value(v)
+        for k, v in values.items()
+        if v is not None or (k in fields and fields[k].default is not None)
+    }
 
 
 def _spec(name: str, service: str, values: dict[str, Any], http_port: int, **kw: Any) -> ProcessSpec:

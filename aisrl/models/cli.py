@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from aisrl.models.config import WarmStartSettings
-from aisrl.settings import settings_command
+from aisrl.settings import TYPER_STYLE, settings_command
 
 
 def _init(settings: WarmStartSettings) -> None:
@@ -14,7 +14,7 @@ def _init(settings: WarmStartSettings) -> None:
     warm_start(settings)
 
 
-model_app = typer.Typer(help="Create models: a tiny Llama warm-started on a task.", no_args_is_help=True)
+model_app = typer.Typer(help="Create models: a tiny Llama warm-started on a task.", no_args_is_help=True, **TYPER_STYLE)
 settings_command(
     "init", WarmStartSettings, _init, "Create a tiny model and warm-start it on a task's reference solutions."
 ).register(model_app)

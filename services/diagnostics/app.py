@@ -1,7 +1,9 @@
 """REST front of the diagnostics service (FastAPI) and the lifespan that owns its resources.
 
-Invariants: every error is JSON `{"error", "field", "detail"}` with a 4xx status naming the
-field (422 for bad input, 404 for an unknown run or step), never a 500 for bad input; the gRPC
+Invariants: every error is JSON `{"error", "field", "detail"}` (services/diagnostics/errors.py) with a
+4xx status naming the field (422 for bad input, 400 for malformed JSON, 415 for another content type,
+404 for an unknown run, step or route), never a 500 for bad input; every page and its assets (the
+dashboard's scripts, the API docs' Swagger UI) are served by this app, nothing from a CDN; the gRPC
 server, the Redis client and the metrics registry live on `app.state` for exactly the life of
 the app (started in the lifespan, stopped when it ends).
 """
@@ -11,17 +13,24 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Path, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from aisrl.core.ais import arrays_from_ragged
-from aisrl.core.types import BatchValidationError, CorrectionConfig
+from aisrl.core.types import CorrectionConfig
 from aisrl.redis_conn import async_client
 from aisrl.services.diagnostics.config import DiagnosticsSettings
-from aisrl.services.diagnostics.dashboard import render_dashboard
+from aisrl.services.diagnostics.dashboard import (
+    DEFAULT_MAX_POINTS,
+    STATIC_FILES,
+    render_dashboard,
+    render_index,
+    series_payload,
+)
+from aisrl.services.diagnostics.errors import FIELD_HEADER, error_response, install_error_handlers, require_json
 from aisrl.services.diagnostics.grpc_server import start_grpc_server
 from aisrl.services.diagnostics.history import History
 from aisrl.services.diagnostics.metrics import DiagnosticsMetrics
@@ -32,27 +41,15 @@ from aisrl.services.diagnostics.schemas import (
     CoefficientRequest,
     ErrorOut,
     RunOut,
+    SeriesOut,
 )
 from aisrl.services.diagnostics.service import CoefficientService
 from aisrl.wire.coefficient import config_error
 
 RunId = Annotated[str, Path(min_length=1, max_length=200, description="Run identifier.")]
 ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}}
-DASHBOARD_POINTS = 2000
-
-
-def _error(status: int, message: str, field: str | None = None, detail: list | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "field": field, "detail": detail or []})
-
-
-def _loc_to_field(loc: tuple | list) -> str:
-    """('body', 'lp_mu', 3) -> 'lp_mu[3]'."""
-    path = ""
-    for part in loc:
-        if part in ("body", "query", "path"):
-            continue
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
+POST_ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorOut}, 415: {"model": ErrorOut}, **ERRORS}
+DASHBOARD_RECORDS = 10_000  # newest records a dashboard series is drawn from (downsampled to max_points)
 
 
 def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
@@ -64,9 +61,15 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
         metrics = DiagnosticsMetrics()
         history = History(client, prefix=settings.key_prefix, limit=settings.history_limit)
         service = CoefficientService(history, metrics, offload_tokens=settings.offload_tokens)
-        server, grpc_port, health = await start_grpc_server(
-            service, settings.grpc_host, settings.grpc_port, settings.max_message_mb
-        )
+        try:
+            server, grpc_port, health = await start_grpc_server(
+                service, settings.grpc_host, settings.grpc_port, settings.max_message_mb, settings.grpc_reflection
+            )
+        except OSError as exc:  # uvicorn would only log it and exit: start_diagnostics raises it instead
+            app.state.startup_error = exc
+            await client.aclose()
+            yield
+            return
         app.state.service, app.state.metrics, app.state.grpc_port = service, metrics, grpc_port
         try:
             yield
@@ -75,7 +78,7 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
             await server.stop(grace=2.0)
             await client.aclose()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # the /docs page's Swagger UI assets come from the package, not a CDN
         title="AIS-RL diagnostics",
         version="1",
         summary="Adaptive importance sampling coefficient and mismatch diagnostics, per batch and per run.",
@@ -92,29 +95,14 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
             metrics.requests.labels(api="http", method=f"{request.method} {path}", code=str(response.status_code)).inc()
         return response
 
-    @app.exception_handler(RequestValidationError)
-    async def on_request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = _loc_to_field(first["loc"]) or None
-        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e.get("type")} for e in errors]
-        return _error(422, f"{field}: {first['msg']}" if field else first["msg"], field, detail)
-
-    @app.exception_handler(BatchValidationError)
-    async def on_batch_invalid(_: Request, exc: BatchValidationError) -> JSONResponse:
-        return _error(422, str(exc), exc.field, [{"loc": ["body", exc.field], "msg": exc.message}])
-
-    @app.exception_handler(HTTPException)
-    async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        field = exc.headers.get("x-field") if exc.headers else None
-        return _error(exc.status_code, str(exc.detail), field)
+    install_error_handlers(app)
 
     def service(request: Request) -> CoefficientService:
         return request.app.state.service
 
     async def require_run(request: Request, run_id: str) -> None:
         if not await service(request).history.exists(run_id):
-            raise HTTPException(404, f"unknown run {run_id!r}", headers={"x-field": "run"})
+            raise HTTPException(404, f"unknown run {run_id!r}", headers={FIELD_HEADER: "run"})
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process serves requests.")
     async def healthz() -> dict[str, str]:
@@ -125,7 +113,7 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
         try:
             await service(request).history.ping()
         except Exception as exc:  # any Redis failure means not ready
-            return _error(503, f"redis unavailable: {exc}", "redis")
+            return error_response(503, f"redis unavailable: {exc}", "redis")
         return JSONResponse({"status": "ready", "grpc_port": request.app.state.grpc_port})
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics.")
@@ -135,7 +123,8 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
     @app.post(
         "/v1/coefficient",
         response_model=CoefficientOut,
-        responses=ERRORS,
+        responses=POST_ERRORS,
+        dependencies=[Depends(require_json)],
         tags=["coefficient"],
         summary="Compute alpha and every diagnostic for one batch (stateless, nothing recorded).",
     )
@@ -161,7 +150,7 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
     async def latest(request: Request, run_id: RunId) -> dict[str, Any]:
         record = await service(request).history.latest(run_id)
         if record is None:
-            raise HTTPException(404, f"unknown run {run_id!r}", headers={"x-field": "run"})
+            raise HTTPException(404, f"unknown run {run_id!r}", headers={FIELD_HEADER: "run"})
         return record
 
     @app.get(
@@ -193,19 +182,57 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
         await require_run(request, run_id)
         record = await service(request).history.get(run_id, step)
         if record is None:
-            raise HTTPException(404, f"run {run_id!r} has no batch at step {step}", headers={"x-field": "step"})
+            raise HTTPException(404, f"run {run_id!r} has no batch at step {step}", headers={FIELD_HEADER: "step"})
         return record
+
+    @app.get(
+        "/v1/runs/{run_id}/series",
+        response_model=SeriesOut,
+        responses=ERRORS,
+        tags=["runs"],
+        summary="What the dashboard charts: steps and each charted field, downsampled to max_points.",
+    )
+    async def series(
+        request: Request,
+        run_id: RunId,
+        max_points: Annotated[int, Query(ge=2, le=DASHBOARD_RECORDS, description="Points per series.")] = (
+            DEFAULT_MAX_POINTS
+        ),
+    ) -> dict[str, Any]:
+        summary = await service(request).history.summary(run_id)
+        if summary is None:
+            raise HTTPException(404, f"unknown run {run_id!r}", headers={FIELD_HEADER: "run"})
+        records = await service(request).history.tail(run_id, DASHBOARD_RECORDS)
+        return series_payload(run_id, records, max_points, summary.n_batches, summary.updated_unix)
 
     @app.get(
         "/v1/runs/{run_id}/dashboard",
         response_class=HTMLResponse,
         responses=ERRORS,
         tags=["runs"],
-        summary="HTML page with charts of the applied and shadow alpha, rho, s, p, kl and masked shares over steps.",
+        summary="Charts of the applied and shadow alpha, rho, s, p, kl (log scale) and masked shares over steps; "
+        "values on hover; other runs overlaid with ?compare=<run> (repeatable); refreshes itself.",
     )
-    async def dashboard(request: Request, run_id: RunId) -> HTMLResponse:
-        await require_run(request, run_id)
-        records = await service(request).history.tail(run_id, DASHBOARD_POINTS)
-        return HTMLResponse(render_dashboard(run_id, records))
+    async def dashboard(
+        request: Request,
+        run_id: RunId,
+        compare: Annotated[list[str], Query(max_length=8, description="Runs drawn over this one.")] = [],  # noqa: B006
+    ) -> HTMLResponse:
+        run_ids = list(dict.fromkeys([run_id, *compare]))
+        for name in run_ids:
+            await require_run(request, name)
+        return HTMLResponse(render_dashboard(run_ids, request.scope.get("root_path", "")))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index(request: Request) -> HTMLResponse:
+        runs = [summary.__dict__ for summary in await service(request).history.runs()]
+        return HTMLResponse(render_index(runs, request.scope.get("root_path", "")))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> FileResponse:
+        path = STATIC_FILES.get(name)
+        if path is None:
+            raise HTTPException(404, f"no static file {name!r}", headers={FIELD_HEADER: "name"})
+        return FileResponse(path, media_type="text/javascript", headers={"cache-control": "public, max-age=3600"})
 
     return app

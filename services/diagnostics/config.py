@@ -21,6 +21,9 @@ class DiagnosticsSettings(CommonSettings):
         10_000, ge=1, le=10_000_000, description="Batches kept per run; older ones are trimmed (and counted)."
     )
     key_prefix: str = Field("aisrl", min_length=1, description="Prefix of every Redis key this service writes.")
+    grpc_reflection: bool = Field(
+        True, description="Serve gRPC server reflection, so that grpcurl and similar tools can list and call the API."
+    )
     max_message_mb: int = Field(
         256, ge=4, le=2048, description="Largest gRPC message accepted or sent, in MiB (1M tokens is about 8 MiB)."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from aisrl.core.types import BatchValidationError
 from aisrl.services.diagnostics.service import CoefficientService
@@ -65,9 +66,10 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
 
 
 async def start_grpc_server(
-    service: CoefficientService, host: str, port: int, max_message_mb: int
+    service: CoefficientService, host: str, port: int, max_message_mb: int, reflection: bool = True
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Starts the server; returns it, the bound port (port 0 picks one) and its health servicer."""
+    """Starts the server (with server reflection when asked); returns it, the bound port (port 0 picks one) and
+    its health servicer."""
     limit = max_message_mb * 1024 * 1024
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -75,7 +77,13 @@ async def start_grpc_server(
     diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server(DiagnosticsServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if reflection:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, grpc_reflection.SERVICE_NAME)
+        grpc_reflection.enable_server_reflection(names, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpcio raises "Failed to bind" for an address in use
+        raise OSError(f"cannot bind gRPC server to {host}:{port}: {exc}") from None
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()

@@ -109,27 +109,30 @@ class History:
         raws = await self.client.hmget(records, list(reversed(found)))
         return [json.loads(r) for r in raws if r is not None]
 
+    async def summary(self, run_id: str) -> RunSummary | None:
+        """One run's summary; None for an unknown run."""
+        runs_key, steps, _, trimmed_key = self._keys(run_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zscore(runs_key, run_id)
+            pipe.zcard(steps)
+            pipe.zrange(steps, 0, 0)
+            pipe.zrevrange(steps, 0, 0)
+            pipe.get(trimmed_key)
+            updated, count, first, last, trimmed = await pipe.execute()
+        if updated is None:
+            return None
+        return RunSummary(
+            run_id=run_id,
+            n_batches=int(count),
+            first_step=int(first[0]) if first else None,
+            latest_step=int(last[0]) if last else None,
+            updated_unix=float(updated),
+            trimmed=int(trimmed or 0),
+        )
+
     async def runs(self) -> list[RunSummary]:
-        runs_key = self._keys("")[0]
-        entries = await self.client.zrevrange(runs_key, 0, -1, withscores=True)
-        summaries = []
-        for raw_run, updated in entries:
-            run_id = raw_run.decode() if isinstance(raw_run, bytes) else raw_run
-            _, steps, _, trimmed_key = self._keys(run_id)
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.zcard(steps)
-                pipe.zrange(steps, 0, 0)
-                pipe.zrevrange(steps, 0, 0)
-                pipe.get(trimmed_key)
-                count, first, last, trimmed = await pipe.execute()
-            summaries.append(
-                RunSummary(
-                    run_id=run_id,
-                    n_batches=int(count),
-                    first_step=int(first[0]) if first else None,
-                    latest_step=int(last[0]) if last else None,
-                    updated_unix=float(updated),
-                    trimmed=int(trimmed or 0),
-                )
-            )
-        return summaries
+        """Every run, most recently updated first."""
+        entries = await self.client.zrevrange(self._keys("")[0], 0, -1)
+        names = [raw.decode() if isinstance(raw, bytes) else raw for raw in entries]
+        summaries = [await self.summary(name) for name in names]
+        return [s for s in summaries if s is not None]

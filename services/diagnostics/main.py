@@ -51,6 +51,11 @@ async def start_diagnostics(settings: DiagnosticsSettings, redis_url: str) -> Ru
     """Starts both servers in the running loop and returns once they accept connections."""
     app = create_app(settings, redis_url)
     server, task, http_port = await start_http(app, settings.http_host, settings.http_port, lifespan="on")
+    startup_error = getattr(app.state, "startup_error", None)
+    if startup_error is not None:  # the gRPC server could not start (e.g. its port is in use)
+        server.should_exit = True
+        await task
+        raise startup_error
     return RunningDiagnostics(http_port, app.state.grpc_port, server, task)
 
 

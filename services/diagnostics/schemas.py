@@ -7,18 +7,34 @@ rather than ignored, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import fields as dataclass_fields
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictFloat, create_model
 
 from aisrl.core.types import CorrectionConfig, CorrectionStats
+
+
+def _strict_scalars(annotation: Any) -> Any:
+    """Numbers and booleans of a config field are taken strictly: "2.0" is not a number, true is not 1."""
+    if annotation in (float, int, bool):
+        return Annotated[annotation, Strict()]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_strict_scalars(a) for a in typing.get_args(annotation))]  # noqa: UP007
+    return annotation
+
 
 CoefficientConfigIn = create_model(
     "CoefficientConfig",
     __config__=ConfigDict(extra="forbid"),
     __doc__="Correction config of a stateless call; every field optional, defaults as in DESIGN §2.",
-    **{name: (info.annotation, info) for name, info in CorrectionConfig.model_fields.items() if name != "beta"},
+    **{
+        name: (_strict_scalars(info.annotation), info)
+        for name, info in CorrectionConfig.model_fields.items()
+        if name != "beta"
+    },
 )
 
 
@@ -27,9 +43,10 @@ class CoefficientRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lp_pi: list[list[float]] = Field(description="log pi per token (learner, BF16), one inner list per sequence.")
-    lp_mu: list[list[float]] = Field(description="log mu per token (rollout engine), same shape as lp_pi.")
-    advantages: list[float] = Field(description="GRPO advantage of each sequence.")
+    # Strict numbers: a string or a boolean where a number belongs is an error, not silently converted.
+    lp_pi: list[list[StrictFloat]] = Field(description="log pi per token (learner, BF16), one inner list per sequence.")
+    lp_mu: list[list[StrictFloat]] = Field(description="log mu per token (rollout engine), same shape as lp_pi.")
+    advantages: list[StrictFloat] = Field(description="GRPO advantage of each sequence.")
     config: CoefficientConfigIn = Field(default_factory=CoefficientConfigIn)  # type: ignore[valid-type]
 
 
@@ -109,7 +126,27 @@ class BatchPageOut(BaseModel):
     next_since_step: int | None = Field(description="Pass as since_step to get the next page; null at the end.")
 
 
+class SeriesOut(BaseModel):
+    """A run's charted fields over steps, downsampled to at most max_points (every `stride`-th batch)."""
+
+    run_id: str
+    total: int = Field(description="Batches the run holds.")
+    loaded: int = Field(description="Newest batches the series was drawn from.")
+    shown: int = Field(description="Points per series.")
+    stride: int = Field(description="Every stride-th loaded batch is shown (1: all), the latest always.")
+    updated_unix: float | None
+    steps: list[int]
+    fields: dict[str, list[float | None]] = Field(description="Per charted field, one value per step (null: none).")
+    latest: dict[str, float | None] = Field(description="The latest batch's tabled fields.")
+    latest_step: int | None
+    mode: str | None
+    level: str | None
+    warnings: list[str]
+
+
 class ErrorOut(BaseModel):
     error: str = Field(description="What is wrong, naming the field.")
-    field: str | None = Field(None, description="Path of the offending field, e.g. lp_mu[3].")
-    detail: list[dict[str, Any]] = Field(default_factory=list)
+    field: str | None = Field(None, description="Path of the offending field, e.g. lp_mu[3][0] or config.cap.")
+    detail: list[dict[str, Any]] = Field(
+        default_factory=list, description="Every problem found: {field, msg, type}, field paths as in `field`."
+    )

@@ -197,7 +197,7 @@ class EngineConfig(BaseModel):
         None, ge=16, description="Longest prompt + completion in tokens (unset: the model's max_position_embeddings)."
     )
     kv_cache_gb: float | None = Field(
-        1.0, gt=0, le=1024, description="KV-cache memory in GiB (unset: vLLM's default share of device memory)."
+        1.0, gt=0, le=1024, description="KV-cache memory in GiB (null: vLLM's default share of device memory)."
     )
     enforce_eager: bool | None = Field(
         None, description="Skip torch.compile / CUDA graphs (unset: eager on the CPU, compiled on a GPU)."

@@ -118,7 +118,7 @@ def test_a_child_that_crashes_at_start_is_named_and_nothing_is_left(tmp_path, re
         supervisor.start()
     err = info.value
     assert err.name == "rollout-0" and "exited with status 1 while starting" in err.reason
-    assert "FileNotFoundError" in err.reason and "not a checkpoint directory" in err.reason
+    assert "error: --model-path" in err.reason and "no such model directory" in err.reason
     assert not supervisor.children
     leftovers = [s for s in watcher.survivors() if "redis-server" not in s]  # the session's Redis fixture
     assert leftovers == []

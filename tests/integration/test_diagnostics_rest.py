@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from itertools import pairwise
 
 import grpc
 import httpx
@@ -14,7 +15,6 @@ import pytest
 from aisrl.core.ais import arrays_from_ragged, compute_coefficient
 from aisrl.core.synthetic import synthetic_batch
 from aisrl.core.types import CORRECTION_STAT_FIELDS, CorrectionConfig, CorrectionMode, WeightLevel
-from aisrl.redis_conn import start_embedded_redis
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 from aisrl.services.diagnostics.dashboard import CHARTS
 from aisrl.services.diagnostics.main import start_diagnostics
@@ -173,10 +173,59 @@ async def test_non_finite_values_are_rejected(http, literal):
     assert reply.json()["field"].startswith("lp_pi")
 
 
-async def test_malformed_json_is_a_4xx(http):
+async def test_malformed_json_is_a_400_with_a_position_not_a_field(http):
     reply = await http.post("/v1/coefficient", content=b"{not json", headers={"content-type": "application/json"})
-    assert reply.status_code == 422
-    assert reply.json()["error"]
+    assert reply.status_code == 400
+    error = reply.json()
+    assert set(error) == {"error", "field", "detail"} and error["field"] is None
+    assert error["error"].startswith("body is not valid JSON") and "position 1" in error["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/v1/nowhere", 404), ("DELETE", "/v1/coefficient", 405), ("GET", "/v1/coefficient", 405),
+     ("GET", "/static/secret.js", 404)],
+)  # fmt: skip
+async def test_routing_errors_use_the_envelope(http, method, path, status):
+    reply = await http.request(method, path)
+    assert reply.status_code == status
+    error = reply.json()
+    assert set(error) == {"error", "field", "detail"} and error["error"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+async def test_wrong_content_type_is_415(http, content_type):
+    lp_pi, lp_mu, adv = _ragged(4)
+    headers = {"content-type": content_type} if content_type else {}
+    body = json.dumps({"lp_pi": lp_pi, "lp_mu": lp_mu, "advantages": adv}).encode()
+    reply = await http.post("/v1/coefficient", content=body, headers=headers)
+    assert reply.status_code == 415, reply.text
+    assert reply.json()["field"] == "content-type" and "application/json" in reply.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [(("lp_pi", 0, 1, "-0.5"), "lp_pi[0][1]"), (("advantages", 2, True), "advantages[2]"),
+     (("lp_mu", 1, 0, "nan"), "lp_mu[1][0]"), (("config", "cap", "2.0"), "config.cap"),
+     (("config", "fixed_alpha", True), "config.fixed_alpha")],
+)  # fmt: skip
+async def test_types_are_strict_and_paths_use_one_notation(http, patch, field):
+    """A number sent as a string, or a boolean where a number belongs, is refused (not converted); every
+    path is written as lp_pi[0][1] / config.cap, in `field` and in each `detail` entry."""
+    lp_pi, lp_mu, adv = _ragged(5)
+    body = {"lp_pi": lp_pi, "lp_mu": lp_mu, "advantages": adv, "config": {}}
+    *where, value = patch
+    target = body
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    reply = await http.post("/v1/coefficient", json=body)
+    assert reply.status_code == 422, reply.text
+    error = reply.json()
+    assert error["field"] == field
+    assert all("[" not in (d["field"] or "") or "][" in d["field"] or d["field"].count("[") == 1
+               for d in error["detail"])  # fmt: skip
+    assert error["detail"][0]["field"] == field
 
 
 async def _record(service, run_id: str, steps: range, config: CorrectionConfig | None = None) -> None:
@@ -214,83 +263,84 @@ async def test_unknown_run_and_step_are_404(service, http):
     assert bad_limit.status_code == 422 and bad_limit.json()["field"] == "limit"
 
 
-async def test_dashboard_is_html_with_charts(service, http):
+async def test_dashboard_page_and_its_assets_are_served_locally(service, http):
     await _record(service, "dash", range(5))
-    reply = await http.get("/v1/runs/dash/dashboard")
+    await _record(service, "other", range(3))
+    reply = await http.get("/v1/runs/dash/dashboard", params={"compare": "other"})
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/html")
     page = reply.text
-    assert page.count("<svg") == len(CHARTS) and "<polyline" in page
-    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched from outside
+    assert page.count('class="chart"') == len(CHARTS)
+    scripts = re.findall(r'<script src="([^"]+)"', page)
+    assert scripts == ["/static/plotly.min.js", "/static/dashboard.js"]
+    assert "http://" not in page and "https://" not in page  # nothing fetched from outside
+    for src in scripts:
+        asset = await http.get(src)
+        assert asset.status_code == 200 and len(asset.content) > 1000, src
+    assert (await http.get("/v1/runs/dash/dashboard", params={"compare": "ghost"})).status_code == 404
 
 
-def _polyline_ys(page: str, label: str) -> list[float]:
-    """The y coordinates of the dashboard line titled `label`."""
-    match = re.search(r'points="([^"]+)"><title>' + re.escape(label) + "</title>", page)
-    assert match, f"no line labelled {label!r}"
-    return [float(p.split(",")[1]) for p in match.group(1).split()]
-
-
-async def test_none_run_dashboard_draws_the_shadow_alpha_over_time(service, http):
-    """In a `none` run the applied alpha is a flat 0; the shadow alpha (what ais would use) is drawn beside it."""
+async def test_none_run_series_carries_the_shadow_alpha_over_time(service, http):
+    """In a `none` run the applied alpha is a flat 0; the shadow alpha (what ais would use) is charted beside it."""
     await _record(service, "plain", range(6), CorrectionConfig(mode="none", tau_kl=0.05))
     records = (await http.get("/v1/runs/plain/batches")).json()["batches"]
     assert all(r["alpha"] == 0.0 for r in records) and len({r["alpha_ais"] for r in records}) == 6
-    page = (await http.get("/v1/runs/plain/dashboard")).text
-    applied, shadow = _polyline_ys(page, "applied alpha"), _polyline_ys(page, "shadow alpha (ais)")
-    assert len(applied) == len(shadow) == 6
-    assert len(set(applied)) == 1 and len(set(shadow)) > 3  # flat applied alpha; the shadow alpha moves
-    assert max(shadow) < applied[0]  # drawn above 0 (SVG y grows downwards)
-    assert 'class="legend">shadow alpha (ais)</text>' in page and "<th>alpha_ais</th>" in page
+    series = (await http.get("/v1/runs/plain/series")).json()
+    assert series["steps"] == list(range(6)) and series["stride"] == 1 and series["total"] == 6
+    assert series["fields"]["alpha"] == [0.0] * 6
+    assert series["fields"]["alpha_ais"] == [r["alpha_ais"] for r in records]
+    assert series["latest"]["alpha_ais"] == records[-1]["alpha_ais"] and series["mode"] == "none"
 
 
-async def test_health_readiness_metrics_and_openapi(service, http):
-    await _record(service, "metered", range(2))
-    assert (await http.get("/healthz")).json() == {"status": "ok"}
-    ready = (await http.get("/readyz")).json()
-    assert ready["status"] == "ready" and ready["grpc_port"] == service.grpc_port
-    metrics = (await http.get("/metrics")).text
-    assert 'aisrl_diag_alpha{run="metered"}' in metrics
-    assert 'aisrl_diag_kl{run="metered"}' in metrics
-    for name in ("alpha_ais", "frac_vetoed", *CORRECTION_STAT_FIELDS):
-        assert f'aisrl_diag_{name}{{run="metered"}}' in metrics, name
-    assert "aisrl_diag_compute_seconds_bucket" in metrics
-    assert "aisrl_diag_requests_total" in metrics
-    assert (await http.get("/docs")).status_code == 200
-    paths = (await http.get("/openapi.json")).json()["paths"]
-    assert {"/v1/coefficient", "/v1/runs", "/v1/runs/{run_id}/dashboard"} <= set(paths)
+async def test_series_downsampling_says_so_and_keeps_the_latest(service, http):
+    await _record(service, "long", range(23))
+    series = (await http.get("/v1/runs/long/series", params={"max_points": 5})).json()
+    assert series["total"] == 23 and series["stride"] == 5 and series["shown"] == len(series["steps"]) <= 5
+    assert series["steps"][-1] == 22 and all(b - a == 5 for a, b in pairwise(series["steps"]))
+    assert (await http.get("/v1/runs/ghost/series")).status_code == 404
 
 
-async def test_not_ready_when_redis_is_gone():
-    redis_server = start_embedded_redis()
-    running = await start_diagnostics(
-        DiagnosticsSettings(http_port=0, grpc_port=0, redis_url=redis_server.url), redis_server.url
-    )
+async def test_index_lists_runs_with_links_to_their_dashboards(service, http):
+    empty = await http.get("/")
+    assert empty.status_code == 200 and "No runs recorded yet" in empty.text
+    await _record(service, "first-run", range(2))
+    await _record(service, "second<run>", range(1))
+    page = (await http.get("/")).text
+    assert 'href="/v1/runs/first-run/dashboard"' in page
+    assert 'href="/v1/runs/second%3Crun%3E/dashboard"' in page and "second&lt;run&gt;" in page
+    assert "<script src=" not in page and "https://" not in page
+
+
+async def test_api_docs_work_offline(http):
+    page = (await http.get("/docs")).text
+    assert "cdn" not in page.lower()
+    for src in re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', page) or ["missing"]:
+        assert src.startswith("/"), src
+        assert (await http.get(src)).status_code == 200, src
+
+
+async def test_grpc_reflection_lists_the_services(service):
+    """What `grpcurl <target> list` asks: the server reflection service answers with every service."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        replies = [reply async for reply in call]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"aisrl.v1.Diagnostics", "grpc.health.v1.Health"} <= names
+
+
+async def test_grpc_reflection_can_be_turned_off(redis_url):
+    settings = DiagnosticsSettings(http_port=0, grpc_port=0, redis_url=redis_url, grpc_reflection=False)
+    running = await start_diagnostics(settings, redis_url)
     try:
-        async with httpx.AsyncClient(base_url=running.http_url, timeout=10) as client:
-            assert (await client.get("/readyz")).status_code == 200
-            redis_server.stop()
-            reply = await client.get("/readyz")
-            assert reply.status_code == 503 and reply.json()["field"] == "redis"
-            assert (await client.get("/healthz")).status_code == 200
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        async with grpc.aio.insecure_channel(running.grpc_target) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                _ = [reply async for reply in stub.ServerReflectionInfo(iter([request]), timeout=10)]
+        assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await running.stop()
-        redis_server.stop()
-
-
-async def test_records_from_before_the_correction_fields_are_served_with_nulls(service, http, redis_url):
-    """A history spanning an upgrade: a record without the correction fields is served (null), not a 500."""
-    from aisrl.redis_conn import async_client
-    from aisrl.services.diagnostics.history import History
-
-    await _record(service, "old", range(1))
-    record = (await http.get("/v1/runs/old/batches/0")).json()
-    old = {k: v for k, v in record.items() if k not in CORRECTION_STAT_FIELDS} | {"step": 1}
-    client = async_client(redis_url)
-    try:
-        await History(client).record("old", old)
-    finally:
-        await client.aclose()
-    reply = await http.get("/v1/runs/old/batches/1")
-    assert reply.status_code == 200, reply.text
-    assert reply.json()["frac_kept"] is None and reply.json()["alpha_ais"] == record["alpha_ais"]
-    assert (await http.get("/v1/runs/old/dashboard")).status_code == 200

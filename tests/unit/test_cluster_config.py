@@ -71,9 +71,20 @@ def test_unknown_service_and_unknown_top_level_key(tmp_path):
         load_cluster_settings(write(tmp_path, "threads: {learnr: 1}\n"))
 
 
-def test_null_and_bad_files(tmp_path):
-    with pytest.raises(SettingsError, match=r"services\.learner\.correction_cap: null cannot be passed"):
-        load_cluster_settings(write(tmp_path, "services:\n  learner:\n    correction_cap: null\n"))
+def test_null_reaches_the_service_and_bad_files(tmp_path):
+    """`correction_cap: null` (no cap) is passed to the learner as AISRL_LEARNER_CORRECTION_CAP=null, which the
+    learner reads back as None."""
+    from aisrl.cluster.topology import settings_env
+    from aisrl.services.learner.config import LearnerSettings
+    from aisrl.settings import load_settings
+
+    settings = load_cluster_settings(write(tmp_path, "services:\n  learner:\n    correction_cap: null\n"))
+    assert settings.services.learner == {"correction_cap": None}
+    env = settings_env(LearnerSettings, settings.services.learner)
+    assert env == {"AISRL_LEARNER_CORRECTION_CAP": "null"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AISRL_LEARNER_CORRECTION_CAP", env["AISRL_LEARNER_CORRECTION_CAP"])
+        assert load_settings(LearnerSettings).correction_cap is None
     with pytest.raises(SettingsError, match="no such file"):
         load_cluster_settings(tmp_path / "missing.yaml")
     with pytest.raises(SettingsError, match="expected a mapping"):
