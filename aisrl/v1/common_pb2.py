@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61isrl/v1/common.proto\x12\x08\x61isrl.v1\"\xa2\x03\n\x10\x43orrectionConfig\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.aisrl.v1.CorrectionMode\x12$\n\x05level\x18\x02 \x01(\x0e\x32\x15.aisrl.v1.WeightLevel\x12\x10\n\x03\x63\x61p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06no_cap\x18\x04 \x01(\x08\x12\x13\n\x06tau_kl\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\talpha_min\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\talpha_max\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x0b\x66ixed_alpha\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x1b\n\x0eveto_threshold\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11opsm_kl_threshold\x18\x0b \x01(\x01H\x07\x88\x01\x01\x42\x06\n\x04_capB\t\n\x07_tau_klB\x07\n\x05_betaB\x0c\n\n_alpha_minB\x0c\n\n_alpha_maxB\x0e\n\x0c_fixed_alphaB\x11\n\x0f_veto_thresholdB\x14\n\x12_opsm_kl_threshold*i\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_BF16\x10\x01\x12\x11\n\rPRECISION_FP8\x10\x02\x12\x1a\n\x16PRECISION_FP8_EMULATED\x10\x03*\xb1\x01\n\x0e\x43orrectionMode\x12\x1f\n\x1b\x43ORRECTION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43ORRECTION_MODE_NONE\x10\x01\x12\x17\n\x13\x43ORRECTION_MODE_TIS\x10\x02\x12\x17\n\x13\x43ORRECTION_MODE_MIS\x10\x03\x12\x19\n\x15\x43ORRECTION_MODE_FIXED\x10\x04\x12\x17\n\x13\x43ORRECTION_MODE_AIS\x10\x05*z\n\x0bWeightLevel\x12\x1c\n\x18WEIGHT_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12WEIGHT_LEVEL_TOKEN\x10\x01\x12\x19\n\x15WEIGHT_LEVEL_SEQUENCE\x10\x02\x12\x1a\n\x16WEIGHT_LEVEL_GEOMETRIC\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61isrl/v1/common.proto\x12\x08\x61isrl.v1\"\xa2\x03\n\x10\x43orrectionConfig\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.aisrl.v1.CorrectionMode\x12$\n\x05level\x18\x02 \x01(\x0e\x32\x15.aisrl.v1.WeightLevel\x12\x10\n\x03\x63\x61p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06no_cap\x18\x04 \x01(\x08\x12\x13\n\x06tau_kl\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04\x62\x65ta\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\talpha_min\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\talpha_max\x18\x08 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x0b\x66ixed_alpha\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x1b\n\x0eveto_threshold\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11opsm_kl_threshold\x18\x0b \x01(\x01H\x07\x88\x01\x01\x42\x06\n\x04_capB\t\n\x07_tau_klB\x07\n\x05_betaB\x0c\n\n_alpha_minB\x0c\n\n_alpha_maxB\x0e\n\x0c_fixed_alphaB\x11\n\x0f_veto_thresholdB\x14\n\x12_opsm_kl_threshold*\xdc\x02\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_BF16\x10\x01\x12\x11\n\rPRECISION_FP8\x10\x02\x12\x1a\n\x16PRECISION_FP8_EMULATED\x10\x03\x12\x1f\n\x1bPRECISION_FP8_W8A8_EMULATED\x10\x04\x12\"\n\x1ePRECISION_FP8_E5M2_W8_EMULATED\x10\x05\x12$\n PRECISION_FP8_E5M2_W8A8_EMULATED\x10\x06\x12\x1f\n\x1bPRECISION_MXFP4_W4_EMULATED\x10\x07\x12!\n\x1dPRECISION_MXFP4_W4A4_EMULATED\x10\x08\x12\x1f\n\x1bPRECISION_NVFP4_W4_EMULATED\x10\t\x12!\n\x1dPRECISION_NVFP4_W4A4_EMULATED\x10\n*\x81\x01\n\x0cKvCacheDtype\x12\x1e\n\x1aKV_CACHE_DTYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13KV_CACHE_DTYPE_AUTO\x10\x01\x12\x1b\n\x17KV_CACHE_DTYPE_FP8_E4M3\x10\x02\x12\x1b\n\x17KV_CACHE_DTYPE_FP8_E5M2\x10\x03*\xb1\x01\n\x0e\x43orrectionMode\x12\x1f\n\x1b\x43ORRECTION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43ORRECTION_MODE_NONE\x10\x01\x12\x17\n\x13\x43ORRECTION_MODE_TIS\x10\x02\x12\x17\n\x13\x43ORRECTION_MODE_MIS\x10\x03\x12\x19\n\x15\x43ORRECTION_MODE_FIXED\x10\x04\x12\x17\n\x13\x43ORRECTION_MODE_AIS\x10\x05*z\n\x0bWeightLevel\x12\x1c\n\x18WEIGHT_LEVEL_UNSPECIFIED\x10\x00\x12\x16\n\x12WEIGHT_LEVEL_TOKEN\x10\x01\x12\x19\n\x15WEIGHT_LEVEL_SEQUENCE\x10\x02\x12\x1a\n\x16WEIGHT_LEVEL_GEOMETRIC\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aisrl.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRECISION']._serialized_start=456
-  _globals['_PRECISION']._serialized_end=561
-  _globals['_CORRECTIONMODE']._serialized_start=564
-  _globals['_CORRECTIONMODE']._serialized_end=741
-  _globals['_WEIGHTLEVEL']._serialized_start=743
-  _globals['_WEIGHTLEVEL']._serialized_end=865
+  _globals['_PRECISION']._serialized_start=457
+  _globals['_PRECISION']._serialized_end=805
+  _globals['_KVCACHEDTYPE']._serialized_start=808
+  _globals['_KVCACHEDTYPE']._serialized_end=937
+  _globals['_CORRECTIONMODE']._serialized_start=940
+  _globals['_CORRECTIONMODE']._serialized_end=1117
+  _globals['_WEIGHTLEVEL']._serialized_start=1119
+  _globals['_WEIGHTLEVEL']._serialized_end=1241
   _globals['_CORRECTIONCONFIG']._serialized_start=36
   _globals['_CORRECTIONCONFIG']._serialized_end=454
 # @@protoc_insertion_point(module_scope)

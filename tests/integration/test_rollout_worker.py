@@ -125,13 +125,12 @@ def count_of(groups) -> Counter:
 def test_settings_carry_every_engine_knob():
     from aisrl.services.rollout.engine import EngineConfig
 
-    settings = RolloutSettings(precision="fp8", kv_cache_gb=0.5, work_dir="/tmp/x")
+    settings = RolloutSettings(precision="nvfp4_w4a4", kv_cache_dtype="fp8_e5m2", kv_cache_gb=0.5)
     for name, info in EngineConfig.model_fields.items():
         assert name in RolloutSettings.model_fields, f"EngineConfig.{name} is missing from RolloutSettings"
-        if name != "work_dir":  # the service's scratch directory holds more than the engine's
-            assert RolloutSettings.model_fields[name].description == info.description
-    config = settings.engine_config("/tmp/y")
-    assert (config.precision, config.kv_cache_gb, config.work_dir) == ("fp8", 0.5, "/tmp/y")
+        assert RolloutSettings.model_fields[name].description == info.description
+    config = settings.engine_config()
+    assert (config.precision, config.kv_cache_dtype, config.kv_cache_gb) == ("nvfp4_w4a4", "fp8_e5m2", 0.5)
     with pytest.raises(ValueError, match="greater than 0"):
         RolloutSettings(kv_cache_gb=0)
 

@@ -88,7 +88,7 @@ def test_hf_engine_logprobs_match_forward_pass(model_dir):
 def test_hf_engine_reload_and_fp8_emulation(model_dir, tmp_path):
     other = init_model_dir(tmp_path / "other", SMALL, seed=1)
     engine = HfEngine(model_dir, EngineConfig(precision="fp8"))
-    assert engine.fp8_emulated and engine.last_fp8_report.max_relative_error < 2**-4
+    assert engine.emulated and engine.scheme == "fp8_w8" and engine.last_report.max_relative_error < 2**-4
     seconds = engine.load_weights(other)
     assert seconds > 0 and engine.model_dir == other
     q_proj = engine._model.model.layers[0].self_attn.q_proj.weight
