@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from aisrl.models.quant.schemes import KvCacheDtype
+from aisrl.models.quant.names import KvCacheDtype
 from aisrl.services.rollout.engine import EngineConfig, Fp8Granularity, Precision
 from aisrl.settings import CommonSettings
 from aisrl.streams import DEFAULT_PREFIX, RUN_ID_PATTERN

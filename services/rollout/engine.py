@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from aisrl.models.quant.schemes import PRECISION_HELP, KvCacheDtype, Precision
+from aisrl.models.quant.names import PRECISION_HELP, KvCacheDtype, Precision
 from aisrl.services.rollout.labels import PrecisionLabel, precision_label
 
 Fp8Granularity = Literal["tensor", "channel", "block"]

@@ -150,6 +150,7 @@ async def test_each_job_becomes_one_complete_group_acked_with_it(client, redis_u
     g = groups[0]
     assert (g.run_id, g.task, g.problem_uid, g.policy_version) == (RUN, "echo", f"u-{g.job_id}", 3)
     assert g.precision == common_pb2.PRECISION_FP8_EMULATED and (g.worker_id, g.model_id) == ("w1", "fake-model")
+    assert g.kv_cache_dtype == common_pb2.KV_CACHE_DTYPE_AUTO and not g.lm_head_quantized
     assert g.created_unix > 0 and g.timings.generate_s >= 0 and g.timings.queue_wait_s >= 0
     assert len(g.samples) == 4
     for i, s in enumerate(g.samples):
