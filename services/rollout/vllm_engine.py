@@ -60,7 +60,11 @@ class VllmEngine(RolloutEngine):
         self.model_dir = Path(model_dir)
         self._broken: str | None = None
         self._llm = self._start(self.model_dir)
-        self.kv_cache_dtype = self._applied_kv_cache_dtype()
+        try:
+            self.kv_cache_dtype = self._applied_kv_cache_dtype()
+        except Exception:
+            self.close()
+            raise
         self._tokenizer = self._llm.get_tokenizer()
         self._newline_ids = newline_token_ids(self._tokenizer)
 
