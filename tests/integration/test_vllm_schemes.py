@@ -117,3 +117,46 @@ def test_engine_computes_the_scheme_and_its_kv_cache(run):
         assert d.mean() > 10 * EXACT_TOL and d.max() < 1.0, (d.mean(), d.max())
     if "d_reloaded" in run:  # the rounding was applied to the reloaded full-precision weights
         assert run["d_reloaded"].max() < EXACT_TOL, run["d_reloaded"].max()
+
+
+SPAWNED_SCRIPT = """
+import json, sys
+from aisrl.services.rollout.engine import EngineConfig, SamplingConfig
+from aisrl.services.rollout.vllm_engine import VllmEngine
+
+if __name__ == "__main__":
+    model_a, model_b = sys.argv[1:3]
+    config = EngineConfig(max_model_len=128, kv_cache_gb=0.25, precision="nvfp4_w4a4", kv_cache_dtype="fp8")
+    engine = VllmEngine(model_a, config)
+    sampling = SamplingConfig(n=2, max_tokens=8, temperature=0.7, seed=0)
+    first = engine.generate(["1+2="], sampling)[0]
+    engine.load_weights(model_b)
+    second = engine.generate(["1+2="], sampling)[0]
+    label = engine.precision_label
+    engine.close()
+    print("RESULT " + json.dumps({"precision": label.precision, "kv": label.kv_cache_dtype,
+                                  "logprobs": [[float(x) for x in c.logprobs] for c in first + second]}))
+"""
+
+
+@pytest.mark.slow
+def test_spawned_engine_core_knows_the_method(model_dirs, tmp_path):
+    """vLLM's own engine-core process (in_process off: spawned, as on a GPU host) finds `aisrl_emulated` through
+    the vllm.general_plugins entry point, samples, reloads and reports the KV cache it built."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "spawned.py"
+    script.write_text(SPAWNED_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # set by in-process engines
+    out = subprocess.run([sys.executable, str(script), str(model_dirs[0]), str(model_dirs[1])], env=env,
+                         capture_output=True, text=True, timeout=280)  # fmt: skip
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    assert (result["precision"], result["kv"]) == (
+        common_pb2.PRECISION_NVFP4_W4A4_EMULATED, common_pb2.KV_CACHE_DTYPE_FP8_E4M3,
+    )  # fmt: skip
+    assert len(result["logprobs"]) == 4 and all(lp and all(np.isfinite(lp)) for lp in result["logprobs"])
