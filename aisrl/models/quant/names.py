@@ -1,6 +1,6 @@
 """Names of the precision settings, without torch (settings and the command line import them).
 
-Invariant: the schemes named here are exactly schemes.SCHEMES (checked when schemes.py loads).
+Invariant: the schemes named here are exactly schemes.SCHEMES (tests/unit/test_quant_formats.py).
 """
 
 from __future__ import annotations
