@@ -196,7 +196,6 @@ def run_sync(config: dict[str, Any], model_dir: Path, tmp: Path, threads: int) -
         build_group,
         check_group,
         decode_job,
-        precision_enum,
         sampling_batches,
         score,
     )
@@ -219,7 +218,7 @@ def run_sync(config: dict[str, Any], model_dir: Path, tmp: Path, threads: int) -
     engine_env = thread_env("rollout", threads)
     engine_env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
     with _environ(engine_env):
-        engine = create_engine(rs.engine, model_dir, rs.engine_config(tmp / "sync-engine"))
+        engine = create_engine(rs.engine, model_dir, rs.engine_config())
     ends, tokens, phases, rewards, alphas = [], [], [], [], []
     version, prev_ema, loaded = 0, None, None
     try:
@@ -234,8 +233,7 @@ def run_sync(config: dict[str, Any], model_dir: Path, tmp: Path, threads: int) -
                 for sampling, batch in sampling_batches(decoded[first : first + rs.batch_size]):
                     sampled += zip(batch, engine.generate([j.problem.prompt for j in batch], sampling), strict=True)
             lap("sample")
-            meta = GroupMeta(version, precision_enum(engine.precision, engine.fp8_emulated), "sync", model_dir.name,
-                             lap.seconds["sample"])  # fmt: skip
+            meta = GroupMeta(version, engine.precision_label, "sync", model_dir.name, lap.seconds["sample"])
             groups = []
             for job, completions in sampled:
                 check_group(job, completions)

@@ -4,8 +4,8 @@ Both engines sample the same batch (prompts x G completions x a fixed number of 
 stop) from the same tiny BF16 model in this process, one engine at a time, after one warm-up batch
 each, computing in bfloat16 and then in float32 (CPUs without AVX512-BF16 run bfloat16 slowly); the
 ratio is vLLM / HF. Also prints the median in-place weight reload time of the vLLM engine (and, at
-fp8 on the CPU, the emulate-then-reload time). On the CPU, fp8 is emulated: it measures the mismatch
-machinery, never a speedup. Nothing is asserted; on a shared machine, compare ratios, not absolutes.
+fp8 on the CPU, the reload-and-round time). On the CPU, fp8 is emulated (fp8_w8): it measures the
+mismatch machinery, never a speedup. Nothing is asserted; on a shared machine, compare ratios, not absolutes.
 
 vLLM spawns an engine process by default, hence the `__main__` guard; `--in-process` skips that.
 """
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vLLM reload (bf16)   : {reload_s * 1000:10.1f} ms median (in place, collective_rpc reload_weights)")
 
         with create_engine("vllm", model_dir, config.model_copy(update={"precision": "fp8"})) as fp8:
-            label = "emulate + reload" if fp8.fp8_emulated else "reload, online FP8"
+            label = "reload + round (emulated)" if fp8.emulated else "reload, online FP8"
             fp8_rate = _tokens_per_second(fp8, prompts, sampling, args.repeats)
             fp8_reload = _median_reload(fp8, model_dir, max(3, args.repeats))
-        note = " (FP8-emulated BF16 weights: no speedup expected)" if fp8.fp8_emulated else ""
+        note = " (FP8-emulated BF16 weights: no speedup expected)" if fp8.emulated else ""
         print(f"vLLM (fp8)           : {fp8_rate:10,.0f} tokens/s{note}")
         print(f"vLLM reload (fp8)    : {fp8_reload * 1000:10.1f} ms median ({label})")
 

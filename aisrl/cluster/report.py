@@ -27,8 +27,9 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 PRECISION_NOTE = (
-    "On CPU, fp8 rollouts are FP8-emulated: weights rounded to the float8 e4m3 grid and dequantized to BF16 before "
-    "vLLM loads them. This reproduces the weight-rounding part of the FP8/BF16 mismatch; no FP8 speedup is claimed."
+    "On CPU, fp8 rollouts are FP8-emulated (fp8_w8): vLLM's linear weights rounded to the float8 e4m3 grid and "
+    "dequantized as they load. This reproduces the weight-rounding part of the FP8/BF16 mismatch; no FP8 speedup "
+    "is claimed (docs/precision.md)."
 )
 
 

@@ -1,1 +1,2 @@
-"""Models: the character tokenizer, tiny Llama checkpoints, FP8 weight emulation and the warm start."""
+"""Models: the character tokenizer, tiny Llama checkpoints, the warm start, low-precision emulation (quant/)
+and the precision mismatch measurement."""

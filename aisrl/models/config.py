@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aisrl.models.quant.names import KV_CACHE_DTYPES, PRECISIONS
 from aisrl.models.tokenizer import MAX_LENGTH
 from aisrl.settings import json_object_option
 
@@ -68,3 +69,54 @@ class WarmStartSettings(BaseSettings):
             intermediate_size=self.intermediate_size,
             max_positions=self.max_positions,
         )
+
+
+DEFAULT_MISMATCH_RUNS = (
+    "bf16,fp8_w8,fp8_w8a8,fp8_e5m2_w8,fp8_e5m2_w8a8,mxfp4_w4,mxfp4_w4a4,nvfp4_w4,nvfp4_w4a4,"
+    "bf16+fp8_e4m3,bf16+fp8_e5m2,fp8_w8a8+fp8_e4m3"
+)
+
+
+class MismatchSettings(BaseSettings):
+    """Measure the rollout/learner mismatch of each precision scheme on a model (`aisrl model mismatch`)."""
+
+    model_config = SettingsConfigDict(env_prefix="AISRL_MISMATCH_", extra="forbid", validate_default=True)
+
+    model: str = Field("runs/models/countdown-tiny", min_length=1, description="HF checkpoint directory to measure.")
+    task: str = Field("countdown", description="Task whose held-out problems are the prompts.")
+    runs: str = Field(
+        DEFAULT_MISMATCH_RUNS,
+        min_length=1,
+        description="Comma-separated rollout settings to measure, each a precision optionally with '+KV cache "
+        "dtype' (e.g. nvfp4_w4a4+fp8_e5m2).",
+    )
+    prompts: int = Field(64, ge=1, le=100_000, description="Held-out prompts sampled per run.")
+    group_size: int = Field(8, ge=1, le=1024, description="Completions per prompt (the GRPO group).")
+    max_tokens: int = Field(48, ge=1, le=4096, description="Longest completion, in tokens.")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Sampling temperature (logprobs are of the tempered policy)."
+    )
+    seed: int = Field(0, ge=0, description="Sampling seed: every run samples with the same seeds.")
+    compute_dtype: str = Field(
+        "bfloat16", pattern="^(bfloat16|float32)$", description="Rollout engine compute dtype (the learner: float32)."
+    )
+    fp8_granularity: str = Field(
+        "tensor", pattern="^(tensor|channel|block)$", description="FP8 weight-scale granularity."
+    )
+    out: str | None = Field(None, description="Also write the results as JSON to this file.")
+
+    @field_validator("runs")
+    @classmethod
+    def _check_runs(cls, value: str) -> str:
+        for run in value.split(","):
+            precision, _, kv = run.strip().partition("+")
+            if precision not in PRECISIONS:
+                raise ValueError(f"unknown precision {precision!r} in {run!r} (one of {', '.join(PRECISIONS)})")
+            if kv and kv not in KV_CACHE_DTYPES:
+                raise ValueError(f"unknown KV cache dtype {kv!r} in {run!r} (one of {', '.join(KV_CACHE_DTYPES)})")
+        return value
+
+    def run_list(self) -> list[tuple[str, str]]:
+        """(precision, kv_cache_dtype) of each run, in order."""
+        pairs = [run.strip().partition("+") for run in self.runs.split(",")]
+        return [(p, kv or "auto") for p, _, kv in pairs]

@@ -11,6 +11,20 @@ class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRECISION_BF16: _ClassVar[Precision]
     PRECISION_FP8: _ClassVar[Precision]
     PRECISION_FP8_EMULATED: _ClassVar[Precision]
+    PRECISION_FP8_W8A8_EMULATED: _ClassVar[Precision]
+    PRECISION_FP8_E5M2_W8_EMULATED: _ClassVar[Precision]
+    PRECISION_FP8_E5M2_W8A8_EMULATED: _ClassVar[Precision]
+    PRECISION_MXFP4_W4_EMULATED: _ClassVar[Precision]
+    PRECISION_MXFP4_W4A4_EMULATED: _ClassVar[Precision]
+    PRECISION_NVFP4_W4_EMULATED: _ClassVar[Precision]
+    PRECISION_NVFP4_W4A4_EMULATED: _ClassVar[Precision]
+
+class KvCacheDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_CACHE_DTYPE_UNSPECIFIED: _ClassVar[KvCacheDtype]
+    KV_CACHE_DTYPE_AUTO: _ClassVar[KvCacheDtype]
+    KV_CACHE_DTYPE_FP8_E4M3: _ClassVar[KvCacheDtype]
+    KV_CACHE_DTYPE_FP8_E5M2: _ClassVar[KvCacheDtype]
 
 class CorrectionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +45,17 @@ PRECISION_UNSPECIFIED: Precision
 PRECISION_BF16: Precision
 PRECISION_FP8: Precision
 PRECISION_FP8_EMULATED: Precision
+PRECISION_FP8_W8A8_EMULATED: Precision
+PRECISION_FP8_E5M2_W8_EMULATED: Precision
+PRECISION_FP8_E5M2_W8A8_EMULATED: Precision
+PRECISION_MXFP4_W4_EMULATED: Precision
+PRECISION_MXFP4_W4A4_EMULATED: Precision
+PRECISION_NVFP4_W4_EMULATED: Precision
+PRECISION_NVFP4_W4A4_EMULATED: Precision
+KV_CACHE_DTYPE_UNSPECIFIED: KvCacheDtype
+KV_CACHE_DTYPE_AUTO: KvCacheDtype
+KV_CACHE_DTYPE_FP8_E4M3: KvCacheDtype
+KV_CACHE_DTYPE_FP8_E5M2: KvCacheDtype
 CORRECTION_MODE_UNSPECIFIED: CorrectionMode
 CORRECTION_MODE_NONE: CorrectionMode
 CORRECTION_MODE_TIS: CorrectionMode

@@ -60,7 +60,7 @@ class Timings(_message.Message):
     def __init__(self, queue_wait_s: _Optional[float] = ..., generate_s: _Optional[float] = ..., score_s: _Optional[float] = ...) -> None: ...
 
 class TrajectoryGroup(_message.Message):
-    __slots__ = ("run_id", "job_id", "task", "problem_uid", "policy_version", "precision", "worker_id", "samples", "timings", "created_unix", "model_id")
+    __slots__ = ("run_id", "job_id", "task", "problem_uid", "policy_version", "precision", "worker_id", "samples", "timings", "created_unix", "model_id", "kv_cache_dtype", "lm_head_quantized")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class TrajectoryGroup(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LM_HEAD_QUANTIZED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     job_id: str
     task: str
@@ -83,7 +85,9 @@ class TrajectoryGroup(_message.Message):
     timings: Timings
     created_unix: float
     model_id: str
-    def __init__(self, run_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task: _Optional[str] = ..., problem_uid: _Optional[str] = ..., policy_version: _Optional[int] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., worker_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., created_unix: _Optional[float] = ..., model_id: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: _common_pb2.KvCacheDtype
+    lm_head_quantized: bool
+    def __init__(self, run_id: _Optional[str] = ..., job_id: _Optional[str] = ..., task: _Optional[str] = ..., problem_uid: _Optional[str] = ..., policy_version: _Optional[int] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., worker_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., created_unix: _Optional[float] = ..., model_id: _Optional[str] = ..., kv_cache_dtype: _Optional[_Union[_common_pb2.KvCacheDtype, str]] = ..., lm_head_quantized: _Optional[bool] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("source_stream", "message_id", "reason", "payload", "worker_id", "created_unix")

@@ -10,12 +10,12 @@ import copy
 import os
 import secrets
 import socket
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from aisrl.models.quant.names import KvCacheDtype
 from aisrl.services.rollout.engine import EngineConfig, Fp8Granularity, Precision
 from aisrl.settings import CommonSettings
 from aisrl.streams import DEFAULT_PREFIX, RUN_ID_PATTERN
@@ -44,6 +44,8 @@ class RolloutSettings(CommonSettings):
     engine: Literal["vllm", "hf"] = Field("vllm", description="Sampling backend: vllm, or hf (transformers).")
     precision: Precision = copy.copy(_ENGINE["precision"])
     fp8_granularity: Fp8Granularity = copy.copy(_ENGINE["fp8_granularity"])
+    kv_cache_dtype: KvCacheDtype = copy.copy(_ENGINE["kv_cache_dtype"])
+    quantize_lm_head: bool = copy.copy(_ENGINE["quantize_lm_head"])
     compute_dtype: Literal["bfloat16", "float32"] = copy.copy(_ENGINE["compute_dtype"])
     seed: int = copy.copy(_ENGINE["seed"])
     max_model_len: int | None = copy.copy(_ENGINE["max_model_len"])
@@ -52,7 +54,7 @@ class RolloutSettings(CommonSettings):
     in_process: bool = copy.copy(_ENGINE["in_process"])
     work_dir: str | None = Field(
         None,
-        description="Scratch directory: fetched weight versions, FP8-emulated copies, the tiny model "
+        description="Scratch directory: fetched weight versions, the tiny model "
         "(unset: a temporary directory removed on exit).",
     )
     worker_id: str = Field(
@@ -129,7 +131,6 @@ class RolloutSettings(CommonSettings):
             raise ValueError("weights_retry_max_s must be >= weights_retry_base_s")
         return self
 
-    def engine_config(self, work_dir: str | Path | None = None) -> EngineConfig:
+    def engine_config(self) -> EngineConfig:
         """The engine's own config, from the fields shared with EngineConfig."""
-        values = {name: getattr(self, name) for name in _ENGINE if name != "work_dir"}
-        return EngineConfig(**values, work_dir=str(work_dir) if work_dir else self.work_dir)
+        return EngineConfig(**{name: getattr(self, name) for name in _ENGINE})

@@ -21,7 +21,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-Precision = Literal["bf16", "fp8"]
+from aisrl.models.quant.names import PRECISION_HELP, KvCacheDtype, Precision
+from aisrl.services.rollout.labels import PrecisionLabel, precision_label
+
 Fp8Granularity = Literal["tensor", "channel", "block"]
 FinishReason = Literal["stop", "length"]
 # vLLM samples in float32; a sampled token's logprob can exceed 0 by rounding only.
@@ -180,12 +182,21 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    precision: Precision = Field(
-        "bf16",
-        description="bf16, or fp8: vLLM online FP8 on a GPU; FP8-emulated BF16 weights on the CPU (no speedup).",
-    )
+    precision: Precision = Field("bf16", description=PRECISION_HELP)
     fp8_granularity: Fp8Granularity = Field(
-        "tensor", description="FP8 weight-scale granularity: tensor, channel (per output row) or block (128x128)."
+        "tensor",
+        description="FP8 weight-scale granularity (fp8 and fp8_e5m2 schemes): tensor, channel (per output row) or "
+        "block (128x128). 4-bit schemes always use their blocks along the input features.",
+    )
+    kv_cache_dtype: KvCacheDtype = Field(
+        "auto",
+        description="KV cache element type, with any precision: auto (the compute dtype), fp8 (= fp8_e4m3) or "
+        "fp8_e5m2 (vLLM engine only; scale 1.0, no calibration; on the CPU needs AVX-512 or AMX).",
+    )
+    quantize_lm_head: bool = Field(
+        False,
+        description="Also round lm_head and the input embeddings to the scheme's weight format (and the head's "
+        "input to its activation format); by default they stay high precision, as in vLLM.",
     )
     compute_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16",
@@ -208,17 +219,22 @@ class EngineConfig(BaseModel):
         "usable without a __main__ guard; sets VLLM_ENABLE_V1_MULTIPROCESSING=0, which vLLM then caches for the "
         "whole process, so later engines in it run in-process too).",
     )
-    work_dir: str | None = Field(
-        None, description="Where FP8-emulated weight copies are written (unset: a temporary directory)."
-    )
 
 
 class RolloutEngine(ABC):
     """A model that samples completions and can swap its weights in place between batches."""
 
-    precision: Precision
-    fp8_emulated: bool  # True when fp8 means FP8-rounded BF16 weights, not FP8 kernels
-    model_dir: Path  # the checkpoint (as given, before any emulation) whose weights are loaded
+    precision: Precision  # as configured (fp8 is an alias resolved per platform)
+    scheme: str  # the scheme it resolved to (aisrl.models.quant.schemes.SCHEMES)
+    emulated: bool  # True when the scheme's rounding is emulated (no low-precision kernels, no speedup)
+    kv_cache_dtype: str  # the KV cache dtype the engine really runs with ("auto" when not quantized)
+    lm_head_quantized: bool
+    model_dir: Path  # the checkpoint whose (full-precision) weights are loaded
+
+    @property
+    def precision_label(self) -> PrecisionLabel:
+        """What to write on every group this engine samples (labels.py)."""
+        return precision_label(self.scheme, self.emulated, self.kv_cache_dtype, self.lm_head_quantized)
 
     @abstractmethod
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:

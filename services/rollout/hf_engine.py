@@ -3,7 +3,10 @@
 Invariant: same contract as every RolloutEngine. Logprobs are computed here from the raw logits
 `generate` returns (`log_softmax(logits / temperature)` at the sampled ids), so they do not depend
 on which logits processors transformers applies; top-k is explicitly off (transformers' default
-is 50) and top-p stays at 1 for training. Weights are BF16; fp8 is always emulated here (fp8.py).
+is 50) and top-p stays at 1 for training. Weights are BF16 or float32; every quantized scheme is
+emulated here with the same rounding as in the vLLM engine (aisrl/models/quant): weights rounded
+as they load (checkpoint.py), inputs of the quantized linear layers rounded per token by forward
+pre-hooks. The KV cache is the compute dtype (`kv_cache_dtype` other than auto is refused).
 Sampling seeds the torch RNG once per batch inside a forked RNG state, so results repeat for the
 same batch and seed, and the caller's RNG is left alone.
 """
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from aisrl.models.fp8 import emulate_fp8_state_dict
+from aisrl.models.quant.hf_model import add_activation_rounding, round_state_dict
+from aisrl.models.quant.schemes import resolve
 from aisrl.services.rollout.engine import (
     Completion,
     EngineConfig,
@@ -44,8 +48,13 @@ class HfEngine(RolloutEngine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config or EngineConfig()
+        if self.config.kv_cache_dtype != "auto":
+            raise ValueError("the HF engine has no FP8 KV cache: use kv_cache_dtype=auto, or the vllm engine")
         self.precision = self.config.precision
-        self.fp8_emulated = self.precision == "fp8"
+        self._scheme, _ = resolve(self.precision, on_gpu=False)  # emulated on any device here
+        self.scheme, self.emulated = self._scheme.name, self._scheme.quantizes
+        self.kv_cache_dtype = "auto"
+        self.lm_head_quantized = self.config.quantize_lm_head and self._scheme.quantizes
         self.model_dir = Path(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._broken: str | None = None
@@ -55,7 +64,8 @@ class HfEngine(RolloutEngine):
             self.model_dir, dtype=getattr(torch, self.config.compute_dtype), local_files_only=True
         ).to(self.device)
         self._model.eval()
-        if self.fp8_emulated:
+        add_activation_rounding(self._model, self._scheme, self.lm_head_quantized)
+        if self._scheme.weights is not None:
             self.load_weights(self.model_dir)
         self._stop_ids = sorted({*newline_token_ids(self._tokenizer), self._tokenizer.eos_token_id})
         self._eos_only = [self._tokenizer.eos_token_id]
@@ -111,8 +121,9 @@ class HfEngine(RolloutEngine):
         if Path(model_dir) != self.model_dir:
             check_same_layout(self.model_dir, model_dir)  # load_state_dict would copy what fits, then raise
         state = _read_state_dict(Path(model_dir))
-        if self.fp8_emulated:
-            state, self.last_fp8_report = emulate_fp8_state_dict(state, self.config.fp8_granularity)
+        state, self.last_report = round_state_dict(
+            state, self._scheme, self.config.fp8_granularity, self.lm_head_quantized
+        )
         try:  # from here on a failure leaves the weights mixed: what was copied stays copied
             missing, unexpected = self._model.load_state_dict(state, strict=False)
         except Exception as exc:

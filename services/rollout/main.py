@@ -51,7 +51,7 @@ BACKGROUND_STOP_S = 10.0  # longest wait for the weights follower to stop
 
 def default_engine_factory(settings: RolloutSettings) -> EngineFactory:
     def factory(model_dir: Path, work_dir: Path) -> RolloutEngine:
-        return create_engine(settings.engine, model_dir, settings.engine_config(work_dir / "engine"))
+        return create_engine(settings.engine, model_dir, settings.engine_config())
 
     return factory
 

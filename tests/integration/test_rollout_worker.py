@@ -125,13 +125,12 @@ def count_of(groups) -> Counter:
 def test_settings_carry_every_engine_knob():
     from aisrl.services.rollout.engine import EngineConfig
 
-    settings = RolloutSettings(precision="fp8", kv_cache_gb=0.5, work_dir="/tmp/x")
+    settings = RolloutSettings(precision="nvfp4_w4a4", kv_cache_dtype="fp8_e5m2", kv_cache_gb=0.5)
     for name, info in EngineConfig.model_fields.items():
         assert name in RolloutSettings.model_fields, f"EngineConfig.{name} is missing from RolloutSettings"
-        if name != "work_dir":  # the service's scratch directory holds more than the engine's
-            assert RolloutSettings.model_fields[name].description == info.description
-    config = settings.engine_config("/tmp/y")
-    assert (config.precision, config.kv_cache_gb, config.work_dir) == ("fp8", 0.5, "/tmp/y")
+        assert RolloutSettings.model_fields[name].description == info.description
+    config = settings.engine_config()
+    assert (config.precision, config.kv_cache_dtype, config.kv_cache_gb) == ("nvfp4_w4a4", "fp8_e5m2", 0.5)
     with pytest.raises(ValueError, match="greater than 0"):
         RolloutSettings(kv_cache_gb=0)
 
@@ -151,6 +150,7 @@ async def test_each_job_becomes_one_complete_group_acked_with_it(client, redis_u
     g = groups[0]
     assert (g.run_id, g.task, g.problem_uid, g.policy_version) == (RUN, "echo", f"u-{g.job_id}", 3)
     assert g.precision == common_pb2.PRECISION_FP8_EMULATED and (g.worker_id, g.model_id) == ("w1", "fake-model")
+    assert g.kv_cache_dtype == common_pb2.KV_CACHE_DTYPE_AUTO and not g.lm_head_quantized
     assert g.created_unix > 0 and g.timings.generate_s >= 0 and g.timings.queue_wait_s >= 0
     assert len(g.samples) == 4
     for i, s in enumerate(g.samples):
@@ -653,8 +653,9 @@ async def test_health_readiness_and_metrics_over_http(client, redis_url):
 @pytest.mark.vllm
 @pytest.mark.slow
 async def test_worker_with_real_vllm_engine(client, redis_url, tmp_path):
-    """The worker on vLLM (CPU, in-process engine core) over a tiny random model: groups with real
-    token ids and finite logprobs, and a weight version fetched over gRPC and reloaded into vLLM."""
+    """The worker on vLLM (CPU, in-process engine core) over a tiny random model, at an emulated 4-bit
+    scheme with an FP8 KV cache: groups with real token ids and finite logprobs, labelled with the scheme
+    and KV cache the engine ran, and a weight version fetched over gRPC and reloaded into vLLM."""
     import torch
 
     from aisrl.models.tiny import TinyModelConfig, create_model, init_model_dir
@@ -663,7 +664,9 @@ async def test_worker_with_real_vllm_engine(client, redis_url, tmp_path):
 
     small = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
     model_dir = init_model_dir(tmp_path / "model", small, seed=0)
-    config = EngineConfig(in_process=True, kv_cache_gb=0.25, max_model_len=128, work_dir=str(tmp_path / "engine"))
+    config = EngineConfig(
+        in_process=True, kv_cache_gb=0.25, max_model_len=128, precision="mxfp4_w4a4", kv_cache_dtype="fp8"
+    )
     engine = await asyncio.to_thread(VllmEngine, model_dir, config)
     server = await WeightsTestServer().start()
     metrics = RolloutMetrics()
@@ -683,7 +686,8 @@ async def test_worker_with_real_vllm_engine(client, redis_url, tmp_path):
         await add_jobs(client, "v0-a", "v0-b", reference="12")
         groups = await wait_until(lambda: _n_groups(client, 2), timeout=120, what="groups from vLLM")
         for g in groups:
-            assert g.policy_version == 0 and g.precision == common_pb2.PRECISION_BF16 and len(g.samples) == 4
+            assert g.policy_version == 0 and g.precision == common_pb2.PRECISION_MXFP4_W4A4_EMULATED
+            assert g.kv_cache_dtype == common_pb2.KV_CACHE_DTYPE_FP8_E4M3 and len(g.samples) == 4
             for s in g.samples:
                 ids = bytes_to_int32(s.completion_ids, "completion_ids")
                 lp = bytes_to_float32(s.logprobs, "logprobs", expected=len(ids))

@@ -11,11 +11,15 @@ The contract tests (no vLLM) at the top of the module are not marked and run eve
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from aisrl.models.fp8 import emulate_fp8_checkpoint, fake_quant_fp8
+from aisrl.models.quant.formats import fake_quant_fp8_weight
+from aisrl.models.quant.hf_model import emulate_model
+from aisrl.models.quant.schemes import SCHEMES
 from aisrl.models.tiny import init_model_dir, load_model
 from aisrl.models.tokenizer import EOS_ID, NEWLINE_ID, encode
 from aisrl.services.rollout.engine import (
@@ -115,7 +119,7 @@ def bf16_result(bf16_engine, bf16_models):
 @pytest.mark.vllm
 def test_bf16_logprobs_match_forward_pass(bf16_engine, bf16_result):
     groups, d = bf16_result
-    assert bf16_engine.precision == "bf16" and not bf16_engine.fp8_emulated
+    assert bf16_engine.precision == "bf16" and not bf16_engine.emulated and bf16_engine.kv_cache_dtype == "auto"
     assert len(groups) == len(PROMPTS) and all(len(g) == SAMPLING.n for g in groups)
     for prompt, group in zip(PROMPTS, groups, strict=True):
         for c in group:
@@ -176,8 +180,7 @@ def test_misfit_checkpoint_refused_before_reload(bf16_engine, bf16_models, model
     """
     from safetensors.torch import load_file, save_file
 
-    broken = tmp_path / "broken"
-    emulate_fp8_checkpoint(model_dirs[1], broken, "tensor")  # any copy of the other model's files
+    broken = shutil.copytree(model_dirs[1], tmp_path / "broken")
     tensors = load_file(broken / "model.safetensors")
     tensors["model.layers.3.self_attn.q_proj.weight"] = torch.zeros(7, 3, dtype=torch.bfloat16)
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
@@ -200,8 +203,7 @@ def test_reload_failing_part_way_breaks_the_engine_until_a_good_load_restarts_it
 
     from aisrl.services.rollout import vllm_engine
 
-    misfit = tmp_path / "misfit"
-    emulate_fp8_checkpoint(model_dirs[1], misfit, "tensor")
+    misfit = shutil.copytree(model_dirs[1], tmp_path / "misfit")
     tensors = load_file(misfit / "model.safetensors")
     tensors["model.layers.3.self_attn.q_proj.weight"] = torch.zeros(7, 3, dtype=torch.bfloat16)
     save_file(tensors, str(misfit / "model.safetensors"), metadata={"format": "pt"})
@@ -227,15 +229,14 @@ def fp8_engine(model_dirs, bf16_engine):
 
 @pytest.mark.vllm
 def test_fp8_emulated_kl_exceeds_bf16(fp8_engine, bf16_models, bf16_result, model_dirs, tmp_path):
-    assert fp8_engine.precision == "fp8" and fp8_engine.fp8_emulated
+    assert fp8_engine.precision == "fp8" and fp8_engine.scheme == "fp8_w8" and fp8_engine.emulated
     groups = fp8_engine.generate(PROMPTS, SAMPLING)
     d_fp8, d_bf16 = deltas(bf16_models[0], groups), bf16_result[1]
     print(f"k3 KL to the BF16 model: fp8-emulated {k3(d_fp8):.3g}, bf16 {k3(d_bf16):.3g}")
     # Measured: fp8 (tensor) 1.9e-4 vs bf16 3.3e-6 here (57x); 9.3e-5 vs 1.6e-6 at T=1.
     assert k3(d_fp8) > 10 * k3(d_bf16)
     # The engine holds exactly the emulated weights: it matches a forward pass of them like bf16 does.
-    emulate_fp8_checkpoint(model_dirs[0], tmp_path / "fp8", "tensor")
-    emulated = load_model(tmp_path / "fp8", torch.bfloat16).eval()
+    emulated = emulate_model(load_model(model_dirs[0], torch.bfloat16), SCHEMES["fp8_w8"]).eval()
     err = np.abs(deltas(emulated, groups))
     assert err.max() < MAX_ABS_TOL and err.mean() < MEAN_ABS_TOL
 
@@ -245,8 +246,7 @@ def test_fp8_reload_emulates_new_weights(fp8_engine, model_dirs, tmp_path):
     seconds = fp8_engine.load_weights(model_dirs[1])
     assert seconds > 0 and fp8_engine.model_dir == model_dirs[1]
     groups = fp8_engine.generate(PROMPTS[:4], SAMPLING)
-    emulate_fp8_checkpoint(model_dirs[1], tmp_path / "fp8b", "tensor")
-    emulated = load_model(tmp_path / "fp8b", torch.bfloat16).eval()
+    emulated = emulate_model(load_model(model_dirs[1], torch.bfloat16), SCHEMES["fp8_w8"]).eval()
     err = np.abs(deltas(emulated, groups))
     assert err.max() < MAX_ABS_TOL and err.mean() < MEAN_ABS_TOL
 
@@ -261,7 +261,7 @@ def test_emulation_matches_vllm_online_fp8_rounding():
     w = (torch.randn(300, 200, generator=g) * torch.logspace(-5, 0, 300)[:, None]).to(torch.bfloat16)
     q, s = per_block_cast_to_fp8(w, [128, 128], use_ue8m0=False)
     block_ref = q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200]
-    assert torch.equal(fake_quant_fp8(w, "block"), block_ref.to(torch.bfloat16))
+    assert torch.equal(fake_quant_fp8_weight(w, "e4m3", "block"), block_ref.to(torch.bfloat16))
     scale = _fp8_channel_scale(w.abs().amax(dim=-1, keepdim=True))
     channel_ref = _fp8_quant_per_channel(w, scale).float() * scale
-    assert torch.equal(fake_quant_fp8(w, "channel"), channel_ref.to(torch.bfloat16))
+    assert torch.equal(fake_quant_fp8_weight(w, "e4m3", "channel"), channel_ref.to(torch.bfloat16))

@@ -170,3 +170,25 @@ def test_coefficient_record_round_trips():
     for key, value in record.items():
         assert decoded[key] == pytest.approx(value) if isinstance(value, float) else decoded[key] == value, key
     assert decoded["reliability"] == record["applied"]["reliability"]
+
+
+def test_precision_labels_round_trip_and_old_values_keep_their_meaning():
+    """Every scheme's label survives the wire; the values older producers wrote are unchanged."""
+    from aisrl.models.quant.schemes import SCHEMES
+    from aisrl.services.rollout.labels import kv_cache_enum, precision_label
+
+    assert (common_pb2.PRECISION_BF16, common_pb2.PRECISION_FP8, common_pb2.PRECISION_FP8_EMULATED) == (1, 2, 3)
+    for name in SCHEMES:
+        for kv in ("auto", "fp8_e4m3", "fp8_e5m2"):
+            label = precision_label(name, name != "bf16", kv, lm_head_quantized=name == "nvfp4_w4a4")
+            group = rollout_pb2.TrajectoryGroup(
+                precision=label.precision,
+                kv_cache_dtype=label.kv_cache_dtype,
+                lm_head_quantized=label.lm_head_quantized,
+            )
+            decoded = rollout_pb2.TrajectoryGroup.FromString(group.SerializeToString())
+            assert (decoded.precision, decoded.kv_cache_dtype, decoded.lm_head_quantized) == (
+                label.precision, kv_cache_enum(kv), name == "nvfp4_w4a4",
+            )  # fmt: skip
+    # A group from a producer that predates the KV field reads as "not reported", never as a dtype.
+    assert rollout_pb2.TrajectoryGroup().kv_cache_dtype == common_pb2.KV_CACHE_DTYPE_UNSPECIFIED

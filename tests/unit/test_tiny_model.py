@@ -88,7 +88,7 @@ def test_hf_engine_logprobs_match_forward_pass(model_dir):
 def test_hf_engine_reload_and_fp8_emulation(model_dir, tmp_path):
     other = init_model_dir(tmp_path / "other", SMALL, seed=1)
     engine = HfEngine(model_dir, EngineConfig(precision="fp8"))
-    assert engine.fp8_emulated and engine.last_fp8_report.max_relative_error < 2**-4
+    assert engine.emulated and engine.scheme == "fp8_w8" and engine.last_report.max_relative_error < 2**-4
     seconds = engine.load_weights(other)
     assert seconds > 0 and engine.model_dir == other
     q_proj = engine._model.model.layers[0].self_attn.q_proj.weight
@@ -160,3 +160,25 @@ def test_model_init_command_options_come_from_settings(tmp_path):
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 32
     bad = runner.invoke(app, ["model", "init", "--out", str(out), "--steps", "-1"])
     assert bad.exit_code != 0 and "steps" in bad.output
+
+
+def test_hf_engine_runs_activation_schemes_and_refuses_an_fp8_kv_cache(model_dir):
+    from aisrl.models.quant.hf_model import emulate_model
+    from aisrl.models.quant.schemes import SCHEMES
+    from aisrl.v1 import common_pb2
+
+    engine = HfEngine(model_dir, EngineConfig(precision="mxfp4_w4a4", compute_dtype="float32"))
+    label = engine.precision_label
+    assert (label.precision, label.kv_cache_dtype) == (
+        common_pb2.PRECISION_MXFP4_W4A4_EMULATED, common_pb2.KV_CACHE_DTYPE_AUTO,
+    )  # fmt: skip
+    sampling = SamplingConfig(n=3, max_tokens=12, temperature=0.7, seed=0)
+    [group] = engine.generate(["12+3="], sampling)
+    reference = emulate_model(load_model(model_dir, torch.float32), SCHEMES["mxfp4_w4a4"]).eval()
+    plain = load_model(model_dir, torch.float32).eval()
+    for c in group:
+        assert np.abs(forward_logprobs(reference, c, 0.7) - c.logprobs).max() < 1e-4
+    # The rounding matters: the unrounded model gives clearly different logprobs to the same tokens.
+    assert max(np.abs(forward_logprobs(plain, c, 0.7) - c.logprobs).max() for c in group) > 1e-3
+    with pytest.raises(ValueError, match="no FP8 KV cache"):
+        HfEngine(model_dir, EngineConfig(kv_cache_dtype="fp8"))

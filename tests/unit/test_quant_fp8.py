@@ -1,18 +1,34 @@
-"""FP8 weight emulation: error bounds of the e4m3 grid, granularity, and which tensors are touched."""
+"""FP8 weight emulation: error bounds of the e4m3 grid, granularity, and which tensors are touched.
+
+(The other formats, bit-exact references and non-finite handling: test_quant_formats.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from aisrl.models.fp8 import (
-    FP8_MAX,
-    GRANULARITIES,
-    emulate_fp8_state_dict,
-    fake_quant_fp8,
-    fp8_scale,
-    is_fp8_linear_weight,
-)
+from aisrl.models.quant.checkpoint import emulate_state_dict, quantized_weight_match
+from aisrl.models.quant.formats import FP8_MAX as _FP8_MAX
+from aisrl.models.quant.formats import GRANULARITIES, fake_quant_fp8_weight, fp8_weight_scale
+
+FP8_MAX = _FP8_MAX["e4m3"]
+
+
+def fake_quant_fp8(w: torch.Tensor, granularity: str = "tensor") -> torch.Tensor:
+    return fake_quant_fp8_weight(w, "e4m3", granularity)  # type: ignore[arg-type]
+
+
+def fp8_scale(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    return fp8_weight_scale(w, "e4m3", granularity)  # type: ignore[arg-type]
+
+
+def emulate_fp8_state_dict(sd, granularity, **kw):
+    return emulate_state_dict(sd, "fp8_e4m3", granularity, **kw)
+
+
+def is_fp8_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+    return quantized_weight_match(name, tensor) is not None
+
 
 # e4m3 keeps 3 mantissa bits: rounding to nearest moves a normal value by at most 2^-4 of its
 # magnitude; below the smallest normal (2^-6) the grid is uniform with spacing 2^-9.
