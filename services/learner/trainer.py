@@ -34,6 +34,7 @@ from aisrl.core.ais import applied_weights, carried_weights, log_ratios
 from aisrl.core.grpo import PPOStats, expand_to_tokens, group_advantages, mixed_ppo_loss, ppo_stats
 from aisrl.core.types import CorrectionConfig, MismatchArrays
 from aisrl.services.learner.groups import Group
+from aisrl.services.learner.prompt_sharing import prompt_index, shared_prompt_logprobs
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     seed: int = 0
     reuse_forward: bool = True
+    share_prompts: bool = True
 
 
 @dataclass
@@ -70,6 +72,7 @@ class PreparedBatch:
     lp_mu: np.ndarray  # float64[N], rollout logprobs (float32 values)
     lp_pi: np.ndarray  # float64[N], learner logprobs before the update (float32 values)
     rewards: np.ndarray  # float64[S]
+    prompts: np.ndarray | None = None  # int64[S]: rows with equal numbers share their prompt (prompt_sharing.py)
     # (rows, lp with grad) per micro-batch of the forward pass lp_pi came from, for `update` to reuse
     graph: list[tuple[np.ndarray, torch.Tensor]] | None = None
 
@@ -189,23 +192,25 @@ class Trainer:
         out = lp.gather(-1, ids[:, 1:][picked].unsqueeze(-1)).squeeze(-1)
         return torch.clamp(out, max=0.0)  # log_softmax can round a certain token to +1e-7
 
+    def rows_logprobs(self, prepared: PreparedBatch, rows: np.ndarray) -> torch.Tensor:
+        """token_logprobs of these rows' completion tokens; each distinct prompt runs once with share_prompts."""
+        r = torch.from_numpy(rows)
+        if self.config.share_prompts and prepared.prompts is not None:
+            prompt_lengths = prepared.row_lengths[rows] - prepared.lengths[rows]
+            return shared_prompt_logprobs(
+                self.model, prepared.input_ids[r].to(self.device), prompt_lengths, prepared.lengths[rows],
+                prepared.prompts[rows], self.pad_id, self.config.temperature, self._autocast,
+            )  # fmt: skip
+        return self.token_logprobs(prepared.input_ids[r], prepared.attention_mask[r], prepared.target_mask[r])
+
     @torch.no_grad()
     def logprobs(self, prepared: PreparedBatch) -> np.ndarray:
         """lp of every completion token under the current parameters (no grad), float64[N] of float32 values."""
-        out = []
-        for rows in self._micro(np.arange(len(prepared.lengths))):
-            r = torch.from_numpy(rows)
-            out.append(self.token_logprobs(prepared.input_ids[r], prepared.attention_mask[r], prepared.target_mask[r]))
+        out = [self.rows_logprobs(prepared, rows) for rows in self._micro(np.arange(len(prepared.lengths)))]
         return torch.cat(out).float().cpu().numpy().astype(np.float64)
 
     def _forward_with_graph(self, prepared: PreparedBatch) -> list[tuple[np.ndarray, torch.Tensor]]:
-        out = []
-        for rows in self._micro(np.arange(len(prepared.lengths))):
-            r = torch.from_numpy(rows)
-            out.append(
-                (rows, self.token_logprobs(prepared.input_ids[r], prepared.attention_mask[r], prepared.target_mask[r]))
-            )
-        return out
+        return [(rows, self.rows_logprobs(prepared, rows)) for rows in self._micro(np.arange(len(prepared.lengths)))]
 
     @property
     def reuses_forward(self) -> bool:
@@ -230,7 +235,7 @@ class Trainer:
         rewards = np.concatenate([g.rewards for g in groups])
         prepared = PreparedBatch(
             input_ids, attention, target, row_lengths, lengths, offsets, adv, expand_to_tokens(adv, lengths),
-            lp_mu, np.empty(0), rewards,
+            lp_mu, np.empty(0), rewards, prompt_index([s.prompt_ids for g in groups for s in g.samples]),
         )  # fmt: skip
         if self.reuses_forward:
             prepared.graph = self._forward_with_graph(prepared)
@@ -256,11 +261,7 @@ class Trainer:
         total, seen = 0.0, []
         for micro, kept in graph or [(m, None) for m in self._micro(rows)]:
             idx = prepared.token_index(micro)
-            if kept is None:
-                r = torch.from_numpy(micro)
-                lp = self.token_logprobs(prepared.input_ids[r], prepared.attention_mask[r], prepared.target_mask[r])
-            else:
-                lp = kept
+            lp = self.rows_logprobs(prepared, micro) if kept is None else kept
             old, adv, c = prepared.lp_pi[idx], prepared.token_advantages[idx], coef[idx]
             loss = mixed_ppo_loss(lp, old, adv, c, denominator, self.config.eps_lo, self.config.eps_hi)
             loss.backward()

@@ -62,3 +62,20 @@ def test_several_updates_recompute_their_forward_passes(model_dir, config):
     assert prepared.graph is None
     stats = trainer.update(prepared, np.ones(prepared.n_tokens))
     assert stats.updates == 2
+
+
+def test_prompts_run_once_per_group_give_the_packed_passs_logprobs_and_gradient(model_dir):
+    groups = _groups(4)
+    shared, packed = _trainer(model_dir, reuse_forward=False), _trainer(model_dir, reuse_forward=False,
+                                                                        share_prompts=False)  # fmt: skip
+    a, b = shared.prepare(groups), packed.prepare(groups)
+    assert len(np.unique(a.prompts)) == 4 and len(a.prompts) == 16  # 4 prompts, 4 samples each
+    np.testing.assert_allclose(a.lp_pi, b.lp_pi, rtol=1e-5, atol=1e-6)
+    rows = np.array([5, 0, 12, 6, 1])  # any rows, in any order, prompts split across micro-batches
+    np.testing.assert_allclose(shared.rows_logprobs(a, rows).detach().numpy(),
+                               packed.rows_logprobs(b, rows).detach().numpy(), rtol=1e-5, atol=1e-6)  # fmt: skip
+    coef = np.linspace(0.5, 1.5, a.n_tokens)
+    ga, gb = shared.gradient(a, coef), packed.gradient(b, coef)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6)
