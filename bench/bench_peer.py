@@ -5,7 +5,8 @@ Three arms, one after another in one run, on the same model, task, batch, token 
   threads (default: every CPU), one optimizer step per generated batch (`per_device_train_batch_size`
   = prompts x G, so no old-logprob forward, as TRL does when generation and update are aligned),
   beta 0 (no reference model), the learner's lr and temperature, the rollout's stop rule (the
-  end of the first line: every newline token is an EOS for generation and for TRL's completion mask);
+  end of the first line: every newline token is an EOS for generation and for TRL's completion mask),
+  gradient checkpointing off (TRL's default is on: `--trl-gradient-checkpointing`; off is faster here);
   reward: the task's own verifier;
 - the cluster: `aisrl up` on deploy/cluster.yaml (bench_cluster.run_cluster);
 - optionally (`--sync`) the in-process synchronous loop of bench_cluster.
@@ -54,6 +55,9 @@ def trl_config_kwargs(args: argparse.Namespace, learner: dict[str, Any], out_dir
         "max_steps": args.steps, "num_train_epochs": 1, "use_cpu": True, "bf16": False, "fp16": False,
         "logging_steps": 1, "report_to": "none", "save_strategy": "no", "disable_tqdm": True,
         "dataloader_num_workers": 0, "seed": 0, "lr_scheduler_type": "constant", "warmup_steps": 0,
+        # TRL's GRPOConfig turns gradient checkpointing on by default; it recomputes the forward pass in the
+        # backward to save memory, which a 1M-parameter model does not need: off, the peer is faster.
+        "gradient_checkpointing": args.trl_gradient_checkpointing,
     }  # fmt: skip
 
 
@@ -184,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=24, help="max tokens per completion")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per cluster process")
     parser.add_argument("--trl-threads", type=int, default=os.cpu_count() or 1, help="torch threads of TRL")
+    parser.add_argument(
+        "--trl-gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="TRL's default (on) recomputes activations in the backward pass; off is faster here",
+    )
     parser.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True,
                         help="also run bench_cluster's synchronous loop")  # fmt: skip
     parser.add_argument("--only", choices=("all", "trl", "cluster"), default="all")

@@ -12,12 +12,12 @@ from bench.bench_peer import cluster_learner_seconds, sampling_rate, target_line
 
 
 def test_trl_config_is_the_clusters_work_in_one_update_per_generated_batch(tmp_path):
-    args = argparse.Namespace(batch=32, group=8, tokens=24, steps=12)
+    args = argparse.Namespace(batch=32, group=8, tokens=24, steps=12, trl_gradient_checkpointing=False)
     kw = trl_config_kwargs(args, {"lr": 1e-4, "temperature": 1.0}, tmp_path)
     assert kw["per_device_train_batch_size"] == 256 and kw["num_generations"] == 8
     assert kw["gradient_accumulation_steps"] == 1 and kw["max_completion_length"] == 24
     assert (kw["learning_rate"], kw["temperature"], kw["beta"], kw["max_steps"]) == (1e-4, 1.0, 0.0, 12)
-    assert kw["use_cpu"] and not kw["bf16"]
+    assert kw["use_cpu"] and not kw["bf16"] and not kw["gradient_checkpointing"]
 
 
 def test_a_missing_trl_is_a_clear_message(monkeypatch, capsys):
