@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
             trl["sample_rate"] = rate(sum(r["sampled"] for r in s[1:]), sum(r["generate"] for r in s[1:]))
             trained = sum(r["tokens"] for r in s[1:])
             trl["train_rate"] = rate(trained, sum(r["step"] - r["generate_score"] for r in s[1:]))
-            print(f"  TRL GRPOTrainer   : {trl['rate']:8,.0f} trained tokens/s, {trl['per_step']:.2f} s/step; median "
+            print(f"  TRL GRPOTrainer   : {trl['rate']:8,.0f} trained tokens/s, {trl['per_step']:.2f} s/step, load "
+                  f"{os.getloadavg()[0]:.1f}; median "
                   f"HF generate {gen:.3f} s, reward + packing {score:.3f} s, training part {train:.3f} s",
                   flush=True)  # fmt: skip
         if args.only in ("all", "cluster"):
@@ -241,15 +242,17 @@ def main(argv: list[str] | None = None) -> None:
             cluster["sample_rate"] = sampling_rate(cluster["rollout_batches_by_replica"], t0, t1)
             cluster["learner_rate"] = rate(sum(int(r["tokens"]) for r in s[1:]),
                                            sum(cluster_learner_seconds(r) for r in s[1:]))  # fmt: skip
-            print(f"  cluster           : {cluster['rate']:8,.0f} trained tokens/s, {cluster['per_step']:.2f} s/step "
-                  f"(wall {cluster['wall_s']:.0f} s with start-up)", flush=True)  # fmt: skip
+            print(f"  cluster           : {cluster['rate']:8,.0f} trained tokens/s, {cluster['per_step']:.2f} s/step, "
+                  f"load {os.getloadavg()[0]:.1f} (wall {cluster['wall_s']:.0f} s incl. start-up)",
+                  flush=True)  # fmt: skip
             for key, label in CLUSTER_PHASES:
                 seconds = _median(s[1:], lambda r, k=key: float(r["seconds"].get(k, 0.0)))
                 print(f"    {key:<12}{seconds:8.3f} s  {label}")
         if args.sync and args.only == "all":
             sync = run_sync(config, model_dir, tmp, args.threads)
             sync["rate"], sync["per_step"] = steady_rate(sync["ends"], sync["tokens"])
-            print(f"  synchronous loop  : {sync['rate']:8,.0f} trained tokens/s, {sync['per_step']:.2f} s/step",
+            print(f"  synchronous loop  : {sync['rate']:8,.0f} trained tokens/s, {sync['per_step']:.2f} s/step, load "
+                  f"{os.getloadavg()[0]:.1f}",
                   flush=True)  # fmt: skip
         for line in target_lines(trl, cluster, sync):
             print(line)
