@@ -49,3 +49,16 @@ def test_target_lines_are_ratios_of_the_arms_that_ran():
     assert target_lines(trl, None, None) == []
     with pytest.raises(KeyError):
         target_lines(trl, {"rate": 1.0}, None)  # a cluster arm without its rates is a bug, not a blank line
+
+
+def test_trainer_bench_batches_are_countdown_shaped_groups():
+    from aisrl.models.tokenizer import encode
+    from bench.bench_trainer import countdown_groups
+
+    newline = encode("\n")[-1]
+
+    groups = countdown_groups(step=1, batch=2, group=3)
+    assert len(groups) == 2 and all(len(g.samples) == 3 for g in groups)
+    for g in groups:
+        assert len({s.prompt_ids.tobytes() for s in g.samples}) == 1  # G samples of one prompt
+        assert all(s.completion_ids[-1] == newline and len(s.lp_mu) == len(s.completion_ids) for s in g.samples)
