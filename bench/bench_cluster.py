@@ -120,8 +120,10 @@ def run_cluster(config: dict[str, Any], tmp: Path, timeout_s: float) -> dict[str
     if rc != 0 or len(steps) < config["steps"]:
         tail = log_file.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"aisrl up ended with {rc} after {len(steps)} step(s):\n{tail}")
-    batches = [e for f in sorted(logs.glob("rollout-*.log")) for e in _json_lines(f) if e.get("msg") == "batch written"]
-    return {"steps": steps, "wall_s": wall, "rollout_batches": batches}
+    by_replica = [[e for e in _json_lines(f) if e.get("msg") == "batch written"]
+                  for f in sorted(logs.glob("rollout-*.log"))]  # fmt: skip
+    return {"steps": steps, "wall_s": wall, "rollout_batches": [b for r in by_replica for b in r],
+            "rollout_batches_by_replica": by_replica}  # fmt: skip
 
 
 def _json_lines(path: Path) -> list[dict[str, Any]]:

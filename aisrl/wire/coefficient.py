@@ -128,6 +128,46 @@ def batch_to_pb(
     )
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _bytes_field(number: int, data: bytes) -> list[bytes]:
+    """A length-delimited field (wire type 2) as protobuf encodes it: key, length, bytes."""
+    return [_varint(number << 3 | 2), _varint(len(data)), data]
+
+
+_LP_PI = diagnostics_pb2.MismatchBatch.DESCRIPTOR.fields_by_name["lp_pi"].number
+_LP_MU = diagnostics_pb2.MismatchBatch.DESCRIPTOR.fields_by_name["lp_mu"].number
+
+
+def encode_batch(
+    arrays: MismatchArrays,
+    config: CorrectionConfig,
+    run_id: str = "",
+    step: int = 0,
+    policy_version: int = 0,
+    dry_run: bool = False,
+) -> bytes:
+    """The serialized MismatchBatch of batch_to_pb, byte for byte a valid encoding of the same message.
+
+    Why: protobuf (upb 7.36) took 12 to 25 ms to serialize a message holding two 4 MB bytes fields (1M tokens)
+    and 0.6 ms for one of them alone. A protobuf message's encoding may list its fields in any order, and a
+    length-delimited field is its key, its length and its bytes, so the small fields are serialized by protobuf
+    and the two arrays appended as they are (one copy, in the join).
+    """
+    small = batch_to_pb(MismatchArrays(np.empty(0), np.empty(0), arrays.lengths, arrays.advantages), config, run_id,
+                        step, policy_version, dry_run)  # fmt: skip
+    lp_pi = np.ascontiguousarray(arrays.lp_pi, dtype="<f4").tobytes()
+    lp_mu = np.ascontiguousarray(arrays.lp_mu, dtype="<f4").tobytes()
+    return b"".join([small.SerializeToString(), *_bytes_field(_LP_PI, lp_pi), *_bytes_field(_LP_MU, lp_mu)])
+
+
 def result_fields(result: CoefficientResult) -> dict[str, Any]:
     """The reported scalars of a result as plain JSON-able values (arrays left out)."""
     return {

@@ -14,13 +14,12 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
-from aisrl.core.ais import arrays_from_ragged
-from aisrl.core.types import CorrectionConfig
+from aisrl.core.types import BatchValidationError
 from aisrl.redis_conn import async_client
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 from aisrl.services.diagnostics.dashboard import (
@@ -34,6 +33,7 @@ from aisrl.services.diagnostics.errors import FIELD_HEADER, error_response, inst
 from aisrl.services.diagnostics.grpc_server import start_grpc_server
 from aisrl.services.diagnostics.history import History
 from aisrl.services.diagnostics.metrics import DiagnosticsMetrics
+from aisrl.services.diagnostics.rest_compute import BodyLimit, MiB, RestComputer
 from aisrl.services.diagnostics.schemas import (
     BatchPageOut,
     BatchRecordOut,
@@ -44,7 +44,6 @@ from aisrl.services.diagnostics.schemas import (
     SeriesOut,
 )
 from aisrl.services.diagnostics.service import CoefficientService
-from aisrl.wire.coefficient import config_error
 
 RunId = Annotated[str, Path(min_length=1, max_length=200, description="Run identifier.")]
 ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorOut}, 422: {"model": ErrorOut}}
@@ -71,9 +70,12 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
             yield
             return
         app.state.service, app.state.metrics, app.state.grpc_port = service, metrics, grpc_port
+        app.state.rest_computer = RestComputer(settings.rest_inline_kb * 1024, settings.rest_workers)
+        app.state.rest_computer.start()
         try:
             yield
         finally:
+            app.state.rest_computer.close()
             await health.enter_graceful_shutdown()
             await server.stop(grace=2.0)
             await client.aclose()
@@ -84,6 +86,9 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
         summary="Adaptive importance sampling coefficient and mismatch diagnostics, per batch and per run.",
         lifespan=lifespan,
     )
+
+    # Outermost: a body over the limit is refused before any route reads it (rest_compute.py).
+    app.add_middleware(BodyLimit, limit=int(settings.max_request_mb * MiB))
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -127,14 +132,17 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
         dependencies=[Depends(require_json)],
         tags=["coefficient"],
         summary="Compute alpha and every diagnostic for one batch (stateless, nothing recorded).",
-    )
-    async def coefficient(request: Request, body: CoefficientRequest) -> dict[str, Any]:
-        try:
-            config = CorrectionConfig(**body.config.model_dump())
-        except ValidationError as exc:
-            raise config_error(exc) from None
-        arrays = arrays_from_ragged(body.lp_pi, body.lp_mu, body.advantages)
-        return await service(request).compute_stateless(arrays, config)
+        # The body is parsed off the event loop (rest_compute.py), not by FastAPI: its schema is declared here.
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/CoefficientRequest"}}}}},
+    )  # fmt: skip
+    async def coefficient(request: Request) -> dict[str, Any]:
+        outcome = await request.app.state.rest_computer(await request.body())
+        if outcome.errors:
+            raise RequestValidationError(outcome.errors)
+        if outcome.batch_error:
+            raise BatchValidationError(*outcome.batch_error)
+        return service(request).observe_stateless(outcome.fields, outcome.compute_s)
 
     @app.get("/v1/runs", response_model=list[RunOut], tags=["runs"], summary="Runs with recorded batches.")
     async def runs(request: Request) -> list[Any]:
@@ -235,4 +243,22 @@ def create_app(settings: DiagnosticsSettings, redis_url: str) -> FastAPI:
             raise HTTPException(404, f"no static file {name!r}", headers={FIELD_HEADER: "name"})
         return FileResponse(path, media_type="text/javascript", headers={"cache-control": "public, max-age=3600"})
 
+    _declare_request_body(app)
     return app
+
+
+def _declare_request_body(app: FastAPI) -> None:
+    """Adds CoefficientRequest (and the models it uses) to the OpenAPI components its route refers to."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()  # caches itself in app.openapi_schema, which the lines below complete
+        body = CoefficientRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        components["CoefficientRequest"] = body
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

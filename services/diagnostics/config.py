@@ -32,6 +32,22 @@ class DiagnosticsSettings(CommonSettings):
         ge=0,
         description="Batches with at least this many tokens are computed in a worker thread, off the event loop.",
     )
+    max_request_mb: float = Field(
+        16.0,
+        gt=0,
+        le=4096,
+        description="Largest REST request body accepted, in MiB; a larger one is refused with 413 before it is "
+        "read (POST /v1/coefficient JSON takes about 40 bytes per token).",
+    )
+    rest_inline_kb: int = Field(
+        256,
+        ge=0,
+        description="POST /v1/coefficient bodies smaller than this (KiB) are parsed on the event loop; larger ones "
+        "in a worker process, so that the gRPC calls the learner waits on are never held up by a JSON parse.",
+    )
+    rest_workers: int = Field(
+        1, ge=0, le=64, description="Worker processes for large REST bodies (0: a thread, which still holds the GIL)."
+    )
     embedded_redis_dir: str | None = Field(
         None,
         description="Where the embedded Redis keeps its append-only file when no Redis URL is set "

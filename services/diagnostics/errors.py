@@ -56,11 +56,15 @@ def _detail(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def on_request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": None}
-    if first.get("type") == "json_invalid":  # loc is ('body', byte offset): a position, not a field
-        position = first["loc"][-1] if first["loc"] else "?"
-        reason = first.get("ctx", {}).get("error", "malformed")
-        detail = [{"field": None, "msg": f"{reason} at position {position}", "type": "json_invalid"}]
-        return error_response(400, f"body is not valid JSON: {reason} at position {position}", None, detail)
+    if first.get("type") == "json_invalid":
+        # FastAPI's parser puts the byte offset in loc ('body', 17): a position, not a field; pydantic's
+        # model_validate_json (large bodies, rest_compute.py) puts "at line L column C" in the reason.
+        reason = (first.get("ctx") or {}).get("error", "malformed")
+        where = first["loc"][-1] if first["loc"] else None
+        if isinstance(where, int):
+            reason = f"{reason} at position {where}"
+        detail = [{"field": None, "msg": reason, "type": "json_invalid"}]
+        return error_response(400, f"body is not valid JSON: {reason}", None, detail)
     field = field_path(first["loc"]) or None
     message = f"{field}: {first['msg']}" if field else first["msg"]
     return error_response(422, message, field, _detail(errors))

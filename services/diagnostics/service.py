@@ -42,6 +42,12 @@ class CoefficientService:
         result, compute_ms = await self.compute(arrays, config, None, path="rest")
         return result_fields(result) | {"compute_ms": compute_ms}
 
+    def observe_stateless(self, fields: dict[str, Any], compute_s: float) -> dict[str, Any]:
+        """The REST answer for a batch computed elsewhere (rest_compute.py), counted like compute() counts."""
+        self.metrics.compute_seconds.labels(path="rest").observe(compute_s)
+        self.metrics.tokens.labels(path="rest").inc(fields["n_tokens"])
+        return fields | {"compute_ms": compute_s * 1e3}
+
     async def compute_for_run(
         self,
         run_id: str,

@@ -94,6 +94,16 @@ class LearnerSettings(CommonSettings):
     micro_batch_size: int = Field(
         64, ge=1, le=65_536, description="Sequences per forward/backward (gradient accumulation inside a minibatch)."
     )
+    reuse_forward: bool = Field(
+        True,
+        description="With ppo_epochs 1 and minibatches 1, compute lp_pi with the update's own forward pass (kept "
+        "with its graph until alpha is known) instead of a separate no-grad pass; false trades that pass for memory.",
+    )
+    share_prompts: bool = Field(
+        True,
+        description="Run each distinct prompt of a micro-batch through the model once and its samples' completions "
+        "on its KV cache (GRPO's G samples share a prompt); false runs every row whole.",
+    )
     eps_lo: float = Field(0.2, ge=0, lt=1, description="PPO clip: lower ratio bound 1 - eps_lo.")
     eps_hi: float = Field(0.2, ge=0, le=100, description="PPO clip: upper ratio bound 1 + eps_hi.")
     advantage_std_normalize: bool = Field(True, description="Divide group-centred rewards by the group std (GRPO).")

@@ -119,6 +119,7 @@ def train_config(settings: LearnerSettings) -> TrainConfig:
         micro_batch_size=settings.micro_batch_size, eps_lo=settings.eps_lo, eps_hi=settings.eps_hi,
         temperature=settings.temperature, std_normalize=settings.advantage_std_normalize,
         compute_dtype=settings.compute_dtype, seed=settings.seed,
+        reuse_forward=settings.reuse_forward, share_prompts=settings.share_prompts,
     )  # fmt: skip
 
 

@@ -8,6 +8,11 @@ Invariants:
   (c_i = (1 - alpha) + alpha * wt_i, 0 where masked), with lp_old = lp_pi; each minibatch is
   divided by its own PRE-mask token count, so masking never up-weights the surviving tokens.
   `gradient` is the same computation without the optimizer step (the autograd test uses it).
+- With one epoch of one minibatch (and `reuse_forward`), lp_pi and the update share one forward
+  pass: `prepare` runs it with grad and keeps its graph, lp_pi is its detached output (the same
+  values a no-grad pass gives: alpha only needs them as constants), and `update` builds the loss
+  on that graph, so the parameters must not change between the two (the learner runs one step
+  at a time). Otherwise `update` recomputes its forward passes.
 - Sequences are packed right-padded; token order everywhere is sequence order, then position,
   the order of `MismatchArrays` and of the coefficients.
 - Randomness (minibatch order) comes from the trainer's own numpy Generator, whose state is
@@ -30,6 +35,7 @@ from aisrl.core.grpo import PPOStats, expand_to_tokens, group_advantages, mixed_
 from aisrl.core.types import CorrectionConfig, MismatchArrays
 from aisrl.core.weights import log_ratios
 from aisrl.services.learner.groups import Group
+from aisrl.services.learner.prompt_sharing import prompt_index, shared_prompt_logprobs
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class TrainConfig:
     std_normalize: bool = True
     compute_dtype: str = "bfloat16"
     seed: int = 0
+    reuse_forward: bool = True
+    share_prompts: bool = True
 
 
 @dataclass
@@ -65,6 +73,14 @@ class PreparedBatch:
     lp_mu: np.ndarray  # float64[N], rollout logprobs (float32 values)
     lp_pi: np.ndarray  # float64[N], learner logprobs before the update (float32 values)
     rewards: np.ndarray  # float64[S]
+    prompts: np.ndarray | None = None  # int64[S]: rows with equal numbers share their prompt (prompt_sharing.py)
+    # (rows, lp with grad) per micro-batch of the forward pass lp_pi came from, for `update` to reuse
+    graph: list[tuple[np.ndarray, torch.Tensor]] | None = None
+
+    def take_graph(self) -> list[tuple[np.ndarray, torch.Tensor]] | None:
+        """The kept forward pass, once (memory is freed when the update is done with it)."""
+        graph, self.graph = self.graph, None
+        return graph
 
     @property
     def n_tokens(self) -> int:
@@ -176,14 +192,31 @@ class Trainer:
         out = lp.gather(-1, ids[:, 1:][picked].unsqueeze(-1)).squeeze(-1)
         return torch.clamp(out, max=0.0)  # log_softmax can round a certain token to +1e-7
 
+    def rows_logprobs(self, prepared: PreparedBatch, rows: np.ndarray) -> torch.Tensor:
+        """token_logprobs of these rows' completion tokens; each distinct prompt runs once with share_prompts."""
+        r = torch.from_numpy(rows)
+        if self.config.share_prompts and prepared.prompts is not None:
+            prompt_lengths = prepared.row_lengths[rows] - prepared.lengths[rows]
+            return shared_prompt_logprobs(
+                self.model, prepared.input_ids[r].to(self.device), prompt_lengths, prepared.lengths[rows],
+                prepared.prompts[rows], self.pad_id, self.config.temperature, self._autocast,
+            )  # fmt: skip
+        return self.token_logprobs(prepared.input_ids[r], prepared.attention_mask[r], prepared.target_mask[r])
+
     @torch.no_grad()
     def logprobs(self, prepared: PreparedBatch) -> np.ndarray:
         """lp of every completion token under the current parameters (no grad), float64[N] of float32 values."""
-        out = []
-        for rows in self._micro(np.arange(len(prepared.lengths))):
-            r = torch.from_numpy(rows)
-            out.append(self.token_logprobs(prepared.input_ids[r], prepared.attention_mask[r], prepared.target_mask[r]))
+        out = [self.rows_logprobs(prepared, rows) for rows in self._micro(np.arange(len(prepared.lengths)))]
         return torch.cat(out).float().cpu().numpy().astype(np.float64)
+
+    def _forward_with_graph(self, prepared: PreparedBatch) -> list[tuple[np.ndarray, torch.Tensor]]:
+        return [(rows, self.rows_logprobs(prepared, rows)) for rows in self._micro(np.arange(len(prepared.lengths)))]
+
+    @property
+    def reuses_forward(self) -> bool:
+        """Whether lp_pi's forward pass is also the update's (module invariant)."""
+        c = self.config
+        return c.reuse_forward and c.ppo_epochs == 1 and c.minibatches == 1
 
     def _micro(self, rows: np.ndarray) -> list[np.ndarray]:
         size = self.config.micro_batch_size
@@ -202,22 +235,33 @@ class Trainer:
         rewards = np.concatenate([g.rewards for g in groups])
         prepared = PreparedBatch(
             input_ids, attention, target, row_lengths, lengths, offsets, adv, expand_to_tokens(adv, lengths),
-            lp_mu, np.empty(0), rewards,
+            lp_mu, np.empty(0), rewards, prompt_index([s.prompt_ids for g in groups for s in g.samples]),
         )  # fmt: skip
-        prepared.lp_pi = self.logprobs(prepared)
+        if self.reuses_forward:
+            prepared.graph = self._forward_with_graph(prepared)
+            lp = torch.cat([lp.detach() for _, lp in prepared.graph])
+            prepared.lp_pi = lp.float().cpu().numpy().astype(np.float64)
+        else:
+            prepared.lp_pi = self.logprobs(prepared)
         return prepared
 
-    def _minibatch_grad(self, prepared: PreparedBatch, rows: np.ndarray, coef: np.ndarray) -> tuple[float, PPOStats]:
+    def _minibatch_grad(
+        self,
+        prepared: PreparedBatch,
+        rows: np.ndarray,
+        coef: np.ndarray,
+        graph: list[tuple[np.ndarray, torch.Tensor]] | None = None,
+    ) -> tuple[float, PPOStats]:
         """Accumulates the gradient of one minibatch's loss (divided by its pre-mask token count).
 
+        `graph`, when given, is the forward pass of exactly these rows (prepare's), used instead of a new one.
         Returns the loss and the PPO statistics of the tokens as the forward pass saw them.
         """
         denominator = float(prepared.lengths[rows].sum())
         total, seen = 0.0, []
-        for micro in self._micro(rows):
+        for micro, kept in graph or [(m, None) for m in self._micro(rows)]:
             idx = prepared.token_index(micro)
-            r = torch.from_numpy(micro)
-            lp = self.token_logprobs(prepared.input_ids[r], prepared.attention_mask[r], prepared.target_mask[r])
+            lp = self.rows_logprobs(prepared, micro) if kept is None else kept
             old, adv, c = prepared.lp_pi[idx], prepared.token_advantages[idx], coef[idx]
             loss = mixed_ppo_loss(lp, old, adv, c, denominator, self.config.eps_lo, self.config.eps_hi)
             loss.backward()
@@ -240,14 +284,20 @@ class Trainer:
             raise ValueError(f"coefficients have shape {coef.shape}, the batch has {prepared.lp_pi.shape} tokens")
         n_rows = len(prepared.lengths)
         parts = min(self.config.minibatches, n_rows)
+        graph = prepared.take_graph()
+        if graph is not None and (self.config.ppo_epochs, parts) != (1, 1):
+            raise ValueError("a kept forward pass serves one epoch of one minibatch only")
         losses, norms, seen, lr = [], [], [], self.lr_now()
         for _ in range(self.config.ppo_epochs):
             for rows in np.array_split(self.rng.permutation(n_rows), parts):
+                if graph is not None:  # the kept pass covers every row in batch order (the draw keeps the RNG stream)
+                    rows = np.concatenate([micro for micro, _ in graph])
                 lr = self.lr_now()
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, stats = self._minibatch_grad(prepared, rows, coef)
+                loss, stats = self._minibatch_grad(prepared, rows, coef, graph)
+                graph = None
                 losses.append(loss)
                 seen.append(stats)
                 clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf

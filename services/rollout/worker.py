@@ -497,7 +497,7 @@ class RolloutWorker:
                 continue
             groups.append((job, build_group(job, completions, rewards, meta, time.perf_counter() - t0, self.clock())))
         written = await self._write(groups, failed)
-        self._observe(written, time.monotonic() - started)
+        self._observe(written, time.monotonic() - started, generate_s)
 
     # -- steps
 
@@ -573,7 +573,7 @@ class RolloutWorker:
                 self._log(logging.WARNING, "job dead-lettered", entry=entry_id, kind=exc.kind, reason=exc.reason)
         return [g for (_, g), new_id in zip(groups, written, strict=False) if new_id is not None]
 
-    def _observe(self, written: Sequence[rollout_pb2.TrajectoryGroup], seconds: float) -> None:
+    def _observe(self, written: Sequence[rollout_pb2.TrajectoryGroup], seconds: float, sample_s: float) -> None:
         if not written:
             return
         tokens = sum(len(s.completion_ids) // 4 for g in written for s in g.samples)
@@ -586,8 +586,9 @@ class RolloutWorker:
             self.metrics.tokens_per_second.set(tokens / seconds)
             self.metrics.groups_per_second.set(len(written) / seconds)
         self.metrics.reward.set(sum(rewards) / len(rewards))
+        # seconds: the whole batch (waiting for its version included); sample_s: inside the engine only
         self._log(logging.INFO, "batch written", groups=len(written), tokens=tokens, seconds=round(seconds, 3),
-                  version=self.version)  # fmt: skip
+                  sample_s=round(sample_s, 3), version=self.version)  # fmt: skip
 
     async def _release(self) -> None:
         ids, self._in_flight = self._in_flight, []

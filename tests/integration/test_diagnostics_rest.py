@@ -178,7 +178,7 @@ async def test_malformed_json_is_a_400_with_a_position_not_a_field(http):
     assert reply.status_code == 400
     error = reply.json()
     assert set(error) == {"error", "field", "detail"} and error["field"] is None
-    assert error["error"].startswith("body is not valid JSON") and "position 1" in error["error"]
+    assert error["error"].startswith("body is not valid JSON") and "line 1 column 2" in error["error"]
 
 
 @pytest.mark.parametrize(
