@@ -76,11 +76,15 @@ class PreparedBatch:
     prompts: np.ndarray | None = None  # int64[S]: rows with equal numbers share their prompt (prompt_sharing.py)
     # (rows, lp with grad) per micro-batch of the forward pass lp_pi came from, for `update` to reuse
     graph: list[tuple[np.ndarray, torch.Tensor]] | None = None
+    # (id of the trainer, its update count) when the graph was made: the graph is only valid for that
+    # trainer's parameters, before any optimizer step
+    graph_key: tuple[int, int] | None = None
 
-    def take_graph(self) -> list[tuple[np.ndarray, torch.Tensor]] | None:
-        """The kept forward pass, once (memory is freed when the update is done with it)."""
+    def take_graph(self, key: tuple[int, int]) -> list[tuple[np.ndarray, torch.Tensor]] | None:
+        """The kept forward pass, once, if it was made by the trainer and parameters `key` names (else None:
+        the caller runs a fresh forward). Memory is freed when the update is done with it."""
         graph, self.graph = self.graph, None
-        return graph
+        return graph if self.graph_key == key else None
 
     @property
     def n_tokens(self) -> int:
@@ -239,6 +243,7 @@ class Trainer:
         )  # fmt: skip
         if self.reuses_forward:
             prepared.graph = self._forward_with_graph(prepared)
+            prepared.graph_key = self._graph_key()
             lp = torch.cat([lp.detach() for _, lp in prepared.graph])
             prepared.lp_pi = lp.float().cpu().numpy().astype(np.float64)
         else:
@@ -277,6 +282,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grads
 
+    def _graph_key(self) -> tuple[int, int]:
+        return (id(self), self.updates)
+
     def update(self, prepared: PreparedBatch, coef: np.ndarray) -> UpdateStats:
         """ppo_epochs x minibatches AdamW updates on the mixed loss (module invariant)."""
         started = time.perf_counter()
@@ -284,7 +292,7 @@ class Trainer:
             raise ValueError(f"coefficients have shape {coef.shape}, the batch has {prepared.lp_pi.shape} tokens")
         n_rows = len(prepared.lengths)
         parts = min(self.config.minibatches, n_rows)
-        graph = prepared.take_graph()
+        graph = prepared.take_graph(self._graph_key())
         if graph is not None and (self.config.ppo_epochs, parts) != (1, 1):
             raise ValueError("a kept forward pass serves one epoch of one minibatch only")
         losses, norms, seen, lr = [], [], [], self.lr_now()

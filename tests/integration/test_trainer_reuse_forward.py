@@ -79,3 +79,23 @@ def test_prompts_run_once_per_group_give_the_packed_passs_logprobs_and_gradient(
     assert ga.keys() == gb.keys()
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_kept_pass_is_used_only_by_its_own_trainer_before_any_step(model_dir):
+    """A batch prepared by another trainer, or before an optimizer step, trains on a fresh forward pass:
+    the kept graph belongs to other parameters, and backpropagating through it would move nothing here."""
+    groups = _groups()
+    owner, other = _trainer(model_dir), _trainer(model_dir)
+    prepared = owner.prepare(groups)
+    coef = np.ones(prepared.n_tokens)
+    before = {n: p.detach().clone() for n, p in other.model.named_parameters()}
+    owner_before = {n: p.detach().clone() for n, p in owner.model.named_parameters()}
+    other.update(prepared, coef)
+    assert any(not torch.equal(p, before[n]) for n, p in other.model.named_parameters())
+    assert all(torch.equal(p, owner_before[n]) for n, p in owner.model.named_parameters())
+
+    stale = owner.prepare(groups)
+    owner.update(owner.prepare(groups), coef)  # a step after `stale` was prepared
+    moved = {n: p.detach().clone() for n, p in owner.model.named_parameters()}
+    owner.update(stale, coef)
+    assert any(not torch.equal(p, moved[n]) for n, p in owner.model.named_parameters())
