@@ -26,6 +26,7 @@ import contextlib
 import functools
 import glob
 import http.server
+import ipaddress
 import json
 import math
 import os
@@ -49,6 +50,7 @@ REDIS_STANDIN = "localhost/aisrl-standin/redis:7-bookworm"
 PROJECT = "aisrl-smoke"
 IMAGE = "aisrl-smoke:cpu"
 RUN_ID = "smoke-1"
+WHEEL_PORT = 8765
 # Run inside a container (its services listen there only): GET a local URL, print the body.
 GET = (
     "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=10).read().decode())"
@@ -170,19 +172,26 @@ def extra_ca_certificates(bundle: str) -> str:
 
 
 def bridge_gateway() -> str:
-    """The host's address on Docker's default bridge, which build containers reach."""
-    out = sh(
-        ["docker", "network", "inspect", "bridge", "--format", "{{range .IPAM.Config}}{{.Gateway}} {{end}}"]
-    ).stdout
-    return out.split()[0]
+    """The host's address on Docker's default bridge, which build containers reach (the gateway, or,
+    where the engine does not report one, the subnet's first address, which Docker gives the bridge)."""
+    ipam = json.loads(sh(["docker", "network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"]).stdout)
+    config = ipam[0]
+    return config.get("Gateway") or str(next(ipaddress.ip_network(config["Subnet"]).hosts()))
 
 
 @contextlib.contextmanager
 def serve_folder(folder: Path, host: str) -> Iterator[str]:
     """Serve `folder` over HTTP on host (a local wheel folder, for pip's --find-links in the build)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer((host, 0), handler)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    try:  # a fixed port keeps the build arguments, and so Docker's layer cache, the same across runs
+        server = http.server.ThreadingHTTPServer((host, WHEEL_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer((host, 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -323,12 +332,11 @@ def run_smoke(args: argparse.Namespace, times: dict[str, float]) -> None:
         with build_environment() as build_env:
             cluster = Cluster(compose, env | build_env)
             with timed("docker compose build", times):
-                out = cluster("build", timeout=3600).stdout
+                cluster("build", timeout=3600)
             if not built_before:
                 made.insert(0, IMAGE)
-        builds = out.count("Successfully built") + out.count("naming to")
         size = int(sh(["docker", "image", "inspect", "--format", "{{.Size}}", IMAGE]).stdout)
-        log(f"image {IMAGE}: {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB){f'; builds: {builds}' if builds else ''}")
+        log(f"image {IMAGE}: {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB)")
 
         with timed("up: every service healthy", times):
             cluster("up", "-d", timeout=900)
