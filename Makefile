@@ -17,11 +17,12 @@ TORCH_INDEX_URL ?= $(TORCH_INDEX_URL_$(DEVICE)_$(shell uname -s))
 INDEX_TIMEOUT ?= 10
 STAMP := $(VENV)/.installed-$(DEVICE)
 
-.PHONY: help venv venv-gpu demo test lint bench proto clean
+.PHONY: help venv venv-gpu demo test test-compose lint bench proto clean
 
 help:
 	@echo "make demo   - run the AIS-RL demo on the embedded defaults (installs everything first)"
 	@echo "make test   - lint and run the whole test suite"
+	@echo "make test-compose - build the CPU image and run the compose cluster in Docker (docs/deploy.md)"
 	@echo "make bench  - run the benchmarks and print figures"
 	@echo "make proto  - regenerate the protobuf/gRPC Python code from proto/"
 	@echo "make venv-gpu - install for a CUDA GPU host (vllm + CUDA torch) instead of the CPU build"
@@ -58,6 +59,11 @@ test: $(STAMP)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		echo "NOTE: no chromium/chromedriver found: the dashboard's browser test will be SKIPPED (install: apt-get install chromium chromium-driver)"
 	$(VENV)/bin/python -m pytest -q
+
+# Builds the CPU image and runs docker-compose.yml for real (tests/compose/smoke.py): starts Debian's
+# Docker engine when it is missing and this is root, else skips with the reason.
+test-compose: $(STAMP)
+	$(PY) tests/compose/smoke.py
 
 bench: $(STAMP)
 	$(PY) -m bench
