@@ -12,9 +12,12 @@ Invariants:
   counted and logged): a group sampled under an older version would be trained too stale.
 - The engine never samples while broken: a reload that fails part-way is followed by a reload of
   the last good version's directory; if that fails too, the worker raises `EngineBroken` (fatal).
-- A job that cannot be used (undecodable, wrong run, unknown task, bad problem, bad sizes,
-  broken logprobs, a failing verifier, delivered too often) is dead-lettered with its reason;
-  the worker keeps running. Logprobs are never repaired or replaced by zeros.
+- A job that cannot be used (undecodable, wrong run, unknown task, bad problem, bad sizes, a prompt
+  or sampling parameters the engine refuses, broken logprobs, a failing verifier, delivered too
+  often) is dead-lettered with its reason; the worker keeps running. Prompts are checked against
+  the engine's limits before sampling; a batch the engine still fails is sampled job by job, so the
+  other jobs of the batch are sampled, never dead-lettered with the culprit.
+  Logprobs are never repaired or replaced by zeros.
 - Nothing is read while the trajectories backlog is at its limit (backpressure).
 - On stop, the current batch is finished; a batch read after the stop, or interrupted
   (cancelled, crashed), is released (left pending, immediately reclaimable), never acknowledged.
@@ -41,6 +44,7 @@ from aisrl.logs import log_fields
 from aisrl.services.rollout.config import RolloutSettings
 from aisrl.services.rollout.engine import (
     Completion,
+    PromptRejected,
     RolloutEngine,
     RolloutLogprobError,
     SamplingConfig,
@@ -52,6 +56,9 @@ from aisrl.v1 import rollout_pb2
 from aisrl.wire.arrays import float32_to_bytes, int32_to_bytes
 
 log = logging.getLogger("aisrl.rollout")
+# What an engine raises for one job's request (PromptRejected, RolloutLogprobError and other ValueErrors):
+# sampled alone and still failing, the job is dead-lettered. Anything else is the engine's trouble.
+JOB_ERRORS = (ValueError,)
 T = TypeVar("T")
 
 
@@ -514,24 +521,42 @@ class RolloutWorker:
     async def _generate(
         self, jobs: Sequence[Job]
     ) -> tuple[list[tuple[Job, list[Completion]]], list[tuple[str, bytes, InvalidJob]], float]:
-        """Completions per job. A batch the engine rejects is retried job by job, to dead-letter only the culprit."""
+        """Completions per job. Prompts the engine cannot sample whole are refused first, job by job; a batch
+        the engine still fails is retried job by job, to dead-letter only the culprit and sample the others."""
         sampled: list[tuple[Job, list[Completion]]] = []
         failed: list[tuple[str, bytes, InvalidJob]] = []
         t0 = time.perf_counter()
+        refused = await self._engine_call(self._refused_prompts, jobs)
+        failed += [self._engine_failure(job, exc) for job, exc in refused]
+        refused_ids = {job.entry_id for job, _ in refused}
+        jobs = [job for job in jobs if job.entry_id not in refused_ids]
         for sampling, group in sampling_batches(jobs):
             try:
                 sampled += await self._sample(group, sampling)
-            except (RolloutLogprobError, ValueError) as exc:
-                if len(group) == 1:
+            except Exception as exc:  # which job (if any) is at fault is only known by sampling each alone
+                if len(group) == 1 and isinstance(exc, JOB_ERRORS):
                     failed.append(self._engine_failure(group[0], exc))
                     continue
-                self._log(logging.WARNING, "engine rejected a batch, retrying job by job", error=repr(exc))
+                if len(group) == 1:
+                    raise  # not a refusal of this job: the engine is in trouble (a real failure of the worker)
+                self._log(logging.WARNING, "engine failed a batch, sampling its jobs one by one", error=repr(exc),
+                          jobs=len(group))  # fmt: skip
                 for job in group:
                     try:
                         sampled += await self._sample([job], sampling)
-                    except (RolloutLogprobError, ValueError) as single:
+                    except JOB_ERRORS as single:
                         failed.append(self._engine_failure(job, single))
         return sampled, failed, time.perf_counter() - t0
+
+    def _refused_prompts(self, jobs: Sequence[Job]) -> list[tuple[Job, PromptRejected]]:
+        """The jobs whose prompt the engine cannot sample whole (too long, no tokens, unknown token ids)."""
+        refused = []
+        for job in jobs:
+            try:
+                self.engine.check_prompt(job.problem.prompt, job.pb.max_tokens)
+            except PromptRejected as exc:
+                refused.append((job, exc))
+        return refused
 
     async def _sample(self, jobs: Sequence[Job], sampling: SamplingConfig) -> list[tuple[Job, list[Completion]]]:
         prompts = [job.problem.prompt for job in jobs]
@@ -542,7 +567,8 @@ class RolloutWorker:
 
     @staticmethod
     def _engine_failure(job: Job, exc: Exception) -> tuple[str, bytes, InvalidJob]:
-        kind = "logprobs" if isinstance(exc, RolloutLogprobError) else "engine"
+        kinds = ((PromptRejected, "prompt"), (RolloutLogprobError, "logprobs"))
+        kind = next((name for cls, name in kinds if isinstance(exc, cls)), "engine")
         return job.entry_id, job.pb.SerializeToString(), InvalidJob(kind, f"engine refused the job: {exc}")
 
     async def _write(
