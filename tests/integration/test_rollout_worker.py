@@ -290,18 +290,54 @@ async def _n_dead(client, n: int):
     return len(await dead_letters(client)) >= n
 
 
-async def test_a_job_delivered_too_often_is_dead_lettered(client, redis_url):
+async def test_restarts_and_takeovers_never_dead_letter_a_healthy_job(client, redis_url):
+    """Redis counts every re-read after a restart and every takeover as a delivery; none is a crash."""
     await streams.ensure_group(client, KEYS.prompts, GROUP)
-    await add_jobs(client, "poison")
-    (entry,) = await streams.read_new(client, KEYS.prompts, GROUP, "crashed-1", count=1, block_ms=None)
-    for crashed in ("crashed-2", "crashed-3"):  # two more replicas took it and died
-        await client.xclaim(KEYS.prompts, GROUP, crashed, 0, [entry.id])
-    worker = make_worker(client, FakeEngine(), make_settings(redis_url, reclaim_idle_ms=1, max_deliveries=3))
-    running = Running(worker)
-    (record,) = await wait_until(lambda: dead_letters(client), what="the dead letter")
+    await add_jobs(client, "healthy")
+    (entry,) = await streams.read_new(client, KEYS.prompts, GROUP, "gone-1", count=1, block_ms=None)
+    for gone in ("gone-2", "gone-3"):  # taken over from consumers that left
+        await client.xclaim(KEYS.prompts, GROUP, gone, 0, [entry.id])
+    settings = make_settings(redis_url, reclaim_idle_ms=1, max_deliveries=2)
+    for _ in range(4):  # w1 takes it, starts sampling, is stopped; restarted, it re-reads its own pending job
+        gate = threading.Event()
+        engine = FakeEngine(gate=gate)
+        running = Running(make_worker(client, engine, settings))
+        try:
+            await wait_until(engine.entered.is_set, what="sampling")
+            running.task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running.task
+        finally:
+            gate.set()
+    (row,) = await client.xpending_range(KEYS.prompts, GROUP, min="-", max="+", count=10)
+    assert row["times_delivered"] >= 7  # far past max_deliveries
+    running = Running(make_worker(client, FakeEngine(), settings))
+    await wait_until(lambda: _n_groups(client, 1), what="the group")
     await running.stop()
-    assert record.message_id == entry.id and "delivered 4 times" in record.reason
-    assert await groups_written(client) == [] and await pending(client) == 0
+    assert [g.job_id for g in await groups_written(client)] == ["healthy"] and await dead_letters(client) == []
+    assert await client.hlen(KEYS.attempts) == 0  # resolved jobs leave no record
+
+
+async def test_a_job_that_crashes_workers_is_dead_lettered_and_its_batch_mates_are_not(client, redis_url):
+    await streams.ensure_group(client, KEYS.prompts, GROUP)
+    await add_jobs(client, "good-1")
+    await add_jobs(client, "poison", marker="CRASH")
+    await add_jobs(client, "good-2")
+    settings = make_settings(redis_url, max_deliveries=2)
+    for attempt in (1, 2):  # the worker crashes on it, is restarted (same id), and crashes again
+        running = Running(make_worker(client, FakeEngine(), settings))
+        with pytest.raises(RuntimeError, match="crashed on a prompt"):
+            await asyncio.wait_for(running.task, timeout=30)
+        charged = {k.decode(): int(v) for k, v in (await client.hgetall(KEYS.attempts)).items()}
+        poison_id = (await client.xrange(KEYS.prompts))[1][0].decode()
+        assert charged.pop(poison_id) == attempt and set(charged.values()) <= {0}  # its batch-mates are not charged
+    running = Running(make_worker(client, FakeEngine(), settings))
+    (record,) = await wait_until(lambda: dead_letters(client), what="the dead letter")
+    await wait_until(lambda: _n_groups(client, 2), what="the good groups")
+    await running.stop()
+    assert "2 attempts to sample it never ended" in record.reason and "crashes workers" in record.reason
+    assert sorted(g.job_id for g in await groups_written(client)) == ["good-1", "good-2"]
+    assert await pending(client) == 0 and await client.hlen(KEYS.attempts) == 0
 
 
 # ----------------------------------------------------------------------------- backpressure
