@@ -584,7 +584,8 @@ class RolloutWorker:
             outputs = await self._engine_call(self.engine.generate, [job.problem.prompt for job in jobs], sampling)
         except BaseException as exc:
             if len(jobs) > 1 or isinstance(exc, (asyncio.CancelledError, *JOB_ERRORS)):
-                await streams.end_attempts(self.client, self.streams.attempts, ids)
+                with contextlib.suppress(Exception):  # Redis gone: the attempt stays charged, once
+                    await streams.end_attempts(self.client, self.streams.attempts, ids)
             raise
         await streams.end_attempts(self.client, self.streams.attempts, ids)
         if len(outputs) != len(jobs):  # an engine bug, not a bad job
