@@ -463,6 +463,31 @@ async def publish(client, server: WeightsTestServer, version: int) -> None:
     await streams.append(client, KEYS.weights, server.notice(RUN, version))
 
 
+async def test_a_version_re_announced_at_a_new_address_is_fetched_from_there(client, redis_url, tmp_path):
+    """What a resumed learner does: it serves the same version again, from a new port."""
+    old, new = await WeightsTestServer().start(), await WeightsTestServer().start()
+    old.versions[1] = new.versions[1] = tiny_state(1)
+    await streams.append(client, KEYS.weights, old.notice(RUN, 1))
+    await old.stop()  # the learner that announced it is gone
+    metrics = RolloutMetrics()
+    follower = WeightsFollower(
+        client, KEYS, base_model_dir=write_base_model(tmp_path / "base"), out_dir=tmp_path / "weights",
+        current_version=0, fetch_timeout_s=5, retry_base_s=0.05, retry_max_s=0.2, chunk_bytes=1024,
+        max_message_bytes=64 << 20, metrics=metrics,
+    )  # fmt: skip
+    task = asyncio.create_task(follower.run())
+    try:
+        await wait_until(lambda: follower.total_failures >= 2, what="failed fetches from the old address")
+        await streams.append(client, KEYS.weights, new.notice(RUN, 1))
+        assert await follower.wait_for_version(1, timeout_s=30), follower.last_error
+        assert new.fetches == [1] and follower.target.endpoint == new.endpoint
+        assert follower.take_ready().version == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await new.stop()
+
+
 async def test_a_batch_waits_for_the_version_its_jobs_require_and_is_sampled_under_it(client, redis_url, tmp_path):
     metrics = RolloutMetrics()
     engine = FakeEngine()
