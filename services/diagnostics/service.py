@@ -42,6 +42,20 @@ class CoefficientService:
         result, compute_ms = await self.compute(arrays, config, None, path="rest")
         return result_fields(result) | {"compute_ms": compute_ms}
 
+    async def record_local(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Stores a record the learner computed itself (kept `computed_locally`) unless its step already has
+        one (the service's own result wins); returns the record kept for the step. The latest-record gauges
+        are left alone: a late local record is older than what they show."""
+        run_id, step = record["run_id"], int(record["step"])
+        existing = await self.history.get(run_id, step)
+        if existing is not None:
+            return existing
+        record = {**record, "computed_locally": True}
+        trimmed = await self.history.record(run_id, record)
+        if trimmed:
+            self.metrics.trimmed.labels(run=run_id).inc(trimmed)
+        return record
+
     async def compute_for_run(
         self,
         run_id: str,
