@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
+from aisrl import procs
+
 T = TypeVar("T")
 
 
@@ -90,12 +92,17 @@ class EmbeddedRedis:
 
 
 def start_embedded_redis(
-    port: int = 0, data_dir: str | Path | None = None, appendonly: bool = False, timeout_s: float = 10.0
+    port: int = 0,
+    data_dir: str | Path | None = None,
+    appendonly: bool = False,
+    timeout_s: float = 10.0,
+    die_with_parent: bool = False,
 ) -> EmbeddedRedis:
     """Starts a private redis-server and waits until it answers PING.
 
     port 0 picks a free port. data_dir None uses a temporary directory removed on stop;
     with appendonly the server keeps an AOF log there (so a restart keeps the streams).
+    die_with_parent: the server gets SIGTERM when this process dies, even by SIGKILL (aisrl.procs).
     """
     owns_dir = data_dir is None
     directory = Path(tempfile.mkdtemp(prefix="aisrl-redis-")) if owns_dir else Path(data_dir)
@@ -112,7 +119,10 @@ def start_embedded_redis(
         "--logfile", str(directory / "redis.log"),
     ]  # fmt: skip
     # Own session: a Ctrl-C to the owner's process group must not kill Redis before the owner shuts down.
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        preexec_fn=procs.die_with_parent() if die_with_parent else None,
+    )  # fmt: skip
     server = EmbeddedRedis(port=chosen, data_dir=directory, process=process, owns_dir=owns_dir)
     deadline = time.monotonic() + timeout_s
     client = redis.Redis(host="127.0.0.1", port=chosen, socket_connect_timeout=0.5)

@@ -11,6 +11,10 @@ Invariants:
 - Releasing an entry (on shutdown) touches only entries the caller still owns, and leaves them
   pending, idle "since forever", so any live consumer reclaims them on its next pass.
 - Every payload is one protobuf message in the field `pb` (PAYLOAD_FIELD).
+- Redis counts a delivery on every read of a pending entry (a re-read by its owner after a
+  restart, a takeover by XAUTOCLAIM), so that count says nothing about whether the entry harms
+  its consumers. The `attempts` hash counts what does: per entry id, the attempts that began
+  work on it and never ended (the consumer crashed or was killed while working on it).
 - All of a run's keys share the hash tag `{run_id}`, so they live in one Redis Cluster slot and
   multi-key scripts work there too.
 
@@ -72,6 +76,11 @@ class RunStreams:
     @property
     def deadletter(self) -> str:
         return self.key("deadletter")
+
+    @property
+    def attempts(self) -> str:
+        """Hash: prompts entry id -> attempts that began work on it and did not end (see the module invariants)."""
+        return self.key("attempts")
 
 
 @dataclass(frozen=True)
@@ -338,6 +347,39 @@ async def send_to_dead_letter(
         client, source_stream, group, consumer, [Append(entry.id, deadletter_stream, record.SerializeToString())]
     )
     return appended[0]
+
+
+async def unfinished_attempts(client: aioredis.Redis, key: str, ids: Sequence[str]) -> dict[str, int]:
+    """Per entry id, the attempts that began and never ended (0 for none)."""
+    if not ids:
+        return {}
+    values = await client.hmget(key, list(ids))
+    return {eid: int(v or 0) for eid, v in zip(ids, values, strict=True)}
+
+
+async def begin_attempts(client: aioredis.Redis, key: str, ids: Sequence[str]) -> None:
+    """Records that work on these entries begins: a crash before `end_attempts` leaves it counted."""
+    await _incr_each(client, key, ids, 1)
+
+
+async def end_attempts(client: aioredis.Redis, key: str, ids: Sequence[str]) -> None:
+    """Records that the work begun on these entries ended without a crash (whatever its outcome)."""
+    await _incr_each(client, key, ids, -1)
+
+
+async def forget_attempts(client: aioredis.Redis, key: str, ids: Sequence[str]) -> None:
+    """Drops the records of entries that are resolved (acknowledged with their result or dead letter)."""
+    if ids:
+        await client.hdel(key, *ids)
+
+
+async def _incr_each(client: aioredis.Redis, key: str, ids: Sequence[str], by: int) -> None:
+    if not ids:
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        for eid in ids:
+            pipe.hincrby(key, eid, by)
+        await pipe.execute()
 
 
 async def release(client: aioredis.Redis, stream: str, group: str, consumer: str, ids: Sequence[str]) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from aisrl.cluster.restarts import RestartSettings
 from aisrl.models.config import WarmStartSettings
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 from aisrl.services.learner.config import LearnerSettings
@@ -183,6 +184,11 @@ class ClusterSettings(NullableSettings):
         "unset: the libraries' defaults.",
     )
     ports: PortSettings = Field(default_factory=PortSettings, description="Ports (0: free ones).")
+    restart: RestartSettings = Field(
+        default_factory=RestartSettings,
+        description="Restarts of crashed services (rollouts, diagnostics, the learner resuming from its checkpoint, "
+        "the embedded Redis on its AOF) and the crash-loop limit that fails the run.",
+    )
     services: ServiceOverrides = Field(default_factory=ServiceOverrides, description="Per-service setting overrides.")
 
     @field_validator("model_init")

@@ -63,6 +63,7 @@ class Snapshot:
     states: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     dashboard_url: str = ""
+    restarts: Mapping[str, int] = field(default_factory=dict)  # per process restarted by the supervisor
 
 
 def snapshot_from(
@@ -132,6 +133,9 @@ def render(snap: Snapshot) -> Group:
         version = snap.rollout_versions.get(name) if name.startswith("rollout") else snap.version
         procs.add_row(name, state, "-" if version is None else str(version))
     parts: list[Any] = [figures, procs]
+    if snap.restarts:
+        shown = ", ".join(f"{name} {count}x" for name, count in snap.restarts.items())
+        parts.append(Text(f"restarts: {shown}", style="yellow"))
     if snap.warnings:
         parts.append(Text("health warnings: " + "; ".join(snap.warnings), style="yellow"))
     parts.append(Text(f"dashboard: {snap.dashboard_url}   (Ctrl-C stops every process cleanly)", style="bold"))
@@ -144,7 +148,7 @@ def one_line(snap: Snapshot) -> str:
         f"step {snap.step}/{snap.steps_target} reward={_fmt(snap.reward)} acc={_fmt(snap.accuracy, '.1%')} "
         f"alpha={_fmt(snap.alpha)} kl={_fmt(snap.kl, '.2e')} train_tok/s={_fmt(snap.tokens_per_s, '.0f')} "
         f"sample_tok/s={_fmt(snap.rollout_tokens_per_s, '.0f')} version={snap.version} "
-        f"stale={_fmt(snap.stale_groups, '.0f')}"
+        f"stale={_fmt(snap.stale_groups, '.0f')} restarts={sum(snap.restarts.values())}"
     )
 
 

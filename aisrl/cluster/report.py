@@ -132,6 +132,7 @@ def build_summary(
     timings: Mapping[str, float],
     dashboard_url: str | None = None,
     starts: Sequence[Mapping[str, Any]] = (),
+    restarts: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The JSON summary of a run (see the module docstring for where each figure comes from).
 
@@ -153,6 +154,7 @@ def build_summary(
         "steps": {"target": settings.get("steps"), "reached": rows[-1]["step"] if rows else 0},
         "resumed_from": starts[-1].get("resumed_from") if starts else None,
         "starts": [dict(s) for s in starts],
+        "restarts": dict(restarts or {}),  # per process the supervisor restarted after a crash (this `aisrl up`)
         "accuracy": {
             "metric": "accuracy on the task's held-out split (share of answers with reward 1): greedy, and "
                       "sampled at the rollout temperature when eval_samples > 0",

@@ -10,6 +10,12 @@ error naming it, its exit status and its last log lines, except the topology's m
 learner) exiting with status 0, which is how the run finishes, even while others are still starting
 (a resumed run whose learner had already reached its steps). Each child's stdout and stderr go to
 `<run_dir>/logs/<name>.log`.
+
+With a restart policy (`RestartSettings`), a child that exits unexpectedly is restarted with the
+same command after a backoff, and the run fails only on a crash loop (more than `max_restarts`
+crashes within `window_s`), with the log excerpt of the last crash. Each child gets SIGTERM when
+the supervisor dies, even by SIGKILL (`aisrl.procs.die_with_parent`), so nothing keeps running
+without it.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import httpx
 import psutil
 
+from aisrl.cluster.restarts import CrashHistory, RestartSettings
 from aisrl.cluster.topology import ProcessSpec, Topology, log_path
 from aisrl.logs import log_fields
+from aisrl.procs import die_with_parent
 
 log = logging.getLogger("aisrl.cluster")
 
@@ -133,7 +141,7 @@ def spawn(spec: ProcessSpec, run_dir: Path, base_env: Mapping[str, str] | None =
     try:
         process = subprocess.Popen(
             command_line(spec.argv), env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent(),
         )  # fmt: skip
     except OSError as exc:
         log_file.close()
@@ -255,6 +263,16 @@ def run_job(
         child.log_file.close()
 
 
+class Keeper(Protocol):
+    """A process outside the topology that the supervisor heals too (see up.RedisKeeper)."""
+
+    name: str
+    history: CrashHistory
+
+    def check(self, now: float) -> None:
+        """Restarts the process if it died (after its backoff); ClusterError on a crash loop."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How the watch ended: `finished` (the main process exited 0) or `interrupted` (a stop was requested)."""
@@ -277,6 +295,8 @@ class Supervisor:
         hurry_event: threading.Event | None = None,
         base_env: Mapping[str, str] | None = None,
         on_state: Callable[[str, str], None] | None = None,
+        restart: RestartSettings | None = None,
+        keepers: Sequence[Keeper] = (),
     ) -> None:
         self.topology = topology
         self.run_dir = Path(run_dir)
@@ -289,6 +309,10 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.timings: dict[str, float] = {}
         self.stopped: list[StopResult] = []
+        self.restart = restart  # None: any unexpected exit fails the run
+        self.history: dict[str, CrashHistory] = {}
+        self.keepers = list(keepers)  # other processes healed in the watch loop (the embedded Redis)
+        self._due: dict[str, float] = {}  # crashed children: when to start them again (monotonic)
 
     # ---------------------------------------------------------------- start
 
@@ -347,15 +371,50 @@ class Supervisor:
     # ---------------------------------------------------------------- watch
 
     def check(self) -> str | None:
-        """'finished' once the main process exited 0; raises ClusterError for any other exit; else None."""
-        for child in self.children.values():
+        """'finished' once the main process exited 0; else restarts what crashed (raising ClusterError without a
+        restart policy or on a crash loop) and returns None."""
+        now = time.monotonic()
+        for name, due in list(self._due.items()):
+            if now >= due and not self.stop_event.is_set():
+                del self._due[name]
+                self.children[name] = spawn(self.topology.by_name(name), self.run_dir, self.base_env)
+                self.on_state(name, f"restarted ({self.history[name].restarts}x)")
+        for child in list(self.children.values()):
             rc = child.process.poll()
             if rc is None:
                 continue
             if child.spec.main and rc == 0:
                 return "finished"
-            raise child.failure(f"{exit_reason(rc)} unexpectedly")
+            self._crashed(child, rc, now)
+        for keeper in self.keepers:
+            keeper.check(now)
         return None
+
+    def _crashed(self, child: Child, rc: int, now: float) -> None:
+        """Schedules the restart of a child that exited unexpectedly, or raises ClusterError (no policy, crash loop)."""
+        failure = child.failure(f"{exit_reason(rc)} unexpectedly")
+        if self.restart is None:
+            raise failure
+        name = child.spec.name
+        history = self.history.setdefault(name, CrashHistory(self.restart))
+        backoff = history.crashed(now)
+        if backoff is None:
+            raise ClusterError(
+                name, f"crash loop: {len(history.crashes)} crashes within {self.restart.window_s:.0f} s "
+                f"(max_restarts={self.restart.max_restarts}); last: {failure.reason}", failure.log_tail,
+            )  # fmt: skip
+        log.warning("child crashed: restarting", extra=log_fields(name=name, reason=failure.reason,
+                    backoff_s=backoff, restart=history.restarts))  # fmt: skip
+        self.stopped.extend(stop_children([child], self.stop_grace_s, self.hurry_event))  # reaps its descendants
+        del self.children[name]
+        self._due[name] = now + backoff
+        self.on_state(name, f"crashed, restart {history.restarts} in {backoff:.0f} s")
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts so far per process (children and keepers) that was restarted at least once."""
+        counts = {name: h.restarts for name, h in self.history.items() if h.restarts}
+        counts |= {k.name: k.history.restarts for k in self.keepers if k.history.restarts}
+        return counts
 
     def watch(self, tick: Callable[[], None] | None = None, poll_s: float = 2.0) -> Outcome:
         """Until the run finishes, a stop is requested, or a child fails (ClusterError)."""
@@ -407,10 +466,13 @@ class Supervisor:
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, hurry: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM set `stop` (a graceful stop); a second one sets `hurry` (kill without grace)."""
+def stop_on_signals(stop: threading.Event, hurry: threading.Event, received: list[int] | None = None) -> Iterator[None]:
+    """SIGINT/SIGTERM set `stop` (a graceful stop); a second one sets `hurry` (kill without grace).
+    Each signal's number is appended to `received` (the exit status is 128 + the first)."""
 
     def handler(signum: int, frame: object) -> None:
+        if received is not None:
+            received.append(signum)
         if stop.is_set():
             hurry.set()
         stop.set()

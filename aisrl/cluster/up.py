@@ -8,6 +8,7 @@ written to `<out_dir>/<run_id>/` (its `outcome` says which of these happened).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -23,8 +24,9 @@ from rich.live import Live
 
 from aisrl.cluster.baseline import cached_initial
 from aisrl.cluster.config import ClusterSettings
-from aisrl.cluster.progress import Poller, one_line, render
+from aisrl.cluster.progress import Poller, Snapshot, one_line, render
 from aisrl.cluster.report import build_summary, learner_events, learner_starts, write_report
+from aisrl.cluster.restarts import CrashHistory, RestartSettings
 from aisrl.cluster.supervisor import (
     ClusterError,
     Supervisor,
@@ -36,11 +38,11 @@ from aisrl.cluster.supervisor import (
 )
 from aisrl.cluster.topology import Topology, build_model_init, build_topology, log_path, resolve_ports
 from aisrl.logs import log_fields
-from aisrl.redis_conn import RedisUnavailableError, free_port, start_embedded_redis
+from aisrl.redis_conn import EmbeddedRedis, RedisUnavailableError, free_port, start_embedded_redis
 
 log = logging.getLogger("aisrl.cluster")
 
-EXIT_FINISHED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_FINISHED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # interrupted by a signal: 128 + its number (143: SIGTERM)
 
 
 class Stopped(Exception):
@@ -77,25 +79,62 @@ def ensure_model(settings: ClusterSettings, stop: threading.Event, console: Cons
     return seconds
 
 
-@contextlib.contextmanager
-def redis_for(settings: ClusterSettings, console: Console) -> Iterator[str]:
-    """The configured Redis URL, or an embedded server (AOF in the run's redis dir) living for the context."""
-    if settings.redis_url:
-        yield settings.redis_url
-        return
+def _start_redis(data_dir: Path, port: int = 0) -> EmbeddedRedis:
     # Blocked SIGINT is inherited: a Ctrl-C at the terminal must not stop Redis before the services are done.
-    # The directory is made absolute: redis-server changes into it before it opens its log file.
-    data_dir = settings.resolved_redis_dir.resolve()
     try:
         with signals_blocked(signal.SIGINT):
-            server = start_embedded_redis(data_dir=data_dir, appendonly=True)
+            return start_embedded_redis(port=port, data_dir=data_dir, appendonly=True, die_with_parent=True)
     except RedisUnavailableError as exc:
         raise ClusterError("redis", str(exc)) from None
-    console.print(f"[bold]redis[/]: embedded at {server.url} (AOF in {settings.resolved_redis_dir})")
+
+
+class RedisKeeper:
+    """The embedded Redis, restarted on the same port and AOF when it dies (a supervisor Keeper)."""
+
+    name = "redis"
+
+    def __init__(self, server: EmbeddedRedis, restart: RestartSettings) -> None:
+        self.server = server
+        self.history = CrashHistory(restart)
+        self._due: float | None = None
+
+    def check(self, now: float) -> None:
+        if self._due is not None:
+            if now >= self._due:
+                self._due = None
+                self.server = _start_redis(self.server.data_dir, self.server.port)
+                log.warning("redis restarted on its AOF", extra=log_fields(port=self.server.port,
+                            restart=self.history.restarts))  # fmt: skip
+            return
+        rc = self.server.process.poll()
+        if rc is None:
+            return
+        backoff = self.history.crashed(now)
+        excerpt = tail(self.server.data_dir / "redis.log")
+        if backoff is None:
+            raise ClusterError("redis", f"crash loop: {exit_reason(rc)}, {len(self.history.crashes)} crashes within "
+                               f"{self.history.settings.window_s:.0f} s", excerpt)  # fmt: skip
+        log.warning("redis crashed: restarting", extra=log_fields(reason=exit_reason(rc), backoff_s=backoff))
+        self._due = now + backoff
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@contextlib.contextmanager
+def redis_for(settings: ClusterSettings, console: Console) -> Iterator[tuple[str, RedisKeeper | None]]:
+    """The configured Redis URL, or an embedded server (AOF in the run's redis dir, restarted when it dies)
+    living for the context, with its keeper."""
+    if settings.redis_url:
+        yield settings.redis_url, None
+        return
+    # The directory is made absolute: redis-server changes into it before it opens its log file.
+    keeper = RedisKeeper(_start_redis(settings.resolved_redis_dir.resolve()), settings.restart)
+    console.print(f"[bold]redis[/]: embedded at {keeper.server.url} (AOF in {settings.resolved_redis_dir})")
     try:
-        yield server.url
+        yield keeper.server.url, keeper
     finally:
-        server.stop()
+        keeper.stop()
 
 
 def _states(supervisor: Supervisor, topology: Topology, states: dict[str, str]) -> dict[str, str]:
@@ -106,6 +145,10 @@ def _states(supervisor: Supervisor, topology: Topology, states: dict[str, str]) 
     return states
 
 
+def _snapshot(supervisor: Supervisor, poller: Poller, topology: Topology, states: dict[str, str]) -> Snapshot:
+    return dataclasses.replace(poller.poll(_states(supervisor, topology, states)), restarts=supervisor.restarts())
+
+
 def run_cluster(settings: ClusterSettings, console: Console | None = None) -> int:
     """Runs the cluster until `steps`, Ctrl-C or a failure; writes the report; returns the exit status."""
     console = console or Console()
@@ -113,21 +156,23 @@ def run_cluster(settings: ClusterSettings, console: Console | None = None) -> in
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "cluster.json").write_text(settings.model_dump_json(indent=2) + "\n")
     stop, hurry = threading.Event(), threading.Event()
+    received: list[int] = []  # the signals that stopped the run
     timings: dict[str, float] = {}
     _log_to_file(run_dir / "logs" / "up.log")
     t0 = time.monotonic()
     console.print(f"[bold]aisrl up[/]: run {settings.run_id} -> {run_dir}  ({settings.replicas} rollout replicas, "
                   f"{settings.steps} steps, task {settings.task})")  # fmt: skip
-    with stop_on_signals(stop, hurry):
+    with stop_on_signals(stop, hurry, received):
         try:
             timings["model_init_s"] = ensure_model(settings, stop, console)
-            with redis_for(settings, console) as redis_url:
+            with redis_for(settings, console) as (redis_url, keeper):
                 topology = build_topology(settings, resolve_ports(settings, free_port), redis_url)
                 (run_dir / "topology.json").write_text(json.dumps(_topology_json(topology), indent=2) + "\n")
-                return _run(settings, topology, console, stop, hurry, timings, t0)
+                rc = _run(settings, topology, console, stop, hurry, timings, t0, [keeper] if keeper else [])
+                return 128 + received[0] if rc == EXIT_INTERRUPTED and received else rc
         except Stopped:
             console.print("[yellow]stopped before the cluster was running[/]")
-            return EXIT_INTERRUPTED
+            return 128 + received[0] if received else EXIT_INTERRUPTED
         except ClusterError as exc:
             console.print(f"[red bold]failed[/]: {exc}")
             return EXIT_FAILED
@@ -141,6 +186,7 @@ def _run(
     hurry: threading.Event,
     timings: dict[str, float],
     t0: float,
+    keepers: list[RedisKeeper],
 ) -> int:
     run_dir = settings.run_dir
     learner = next(p for p in topology.processes if p.main)
@@ -163,6 +209,7 @@ def _run(
     supervisor = Supervisor(
         topology, run_dir, health_timeout_s=settings.health_timeout_s, stop_grace_s=settings.stop_grace_s,
         stop_event=stop, hurry_event=hurry, on_state=lambda name, state: states.__setitem__(name, state),
+        restart=settings.restart, keepers=keepers,
     )  # fmt: skip
     poller = Poller(topology, settings.steps)
     poller.initial_accuracy = initial["greedy"] if initial else None
@@ -192,7 +239,7 @@ def _run(
             console.print(f"  {r.name}: {how} (exit {r.returncode}, {r.seconds:.1f} s)")
     timings.update(supervisor.timings)
     timings["total_s"] = time.monotonic() - t0
-    paths = _report(settings, topology, outcome, error, poller.batches, initial, timings)
+    paths = _report(settings, topology, outcome, error, poller.batches, initial, timings, supervisor.restarts())
     console.print(f"[bold]report[/]: {paths['summary']}  plots: {paths['learning']}, {paths['ais']}")
     _print_result(console, json.loads(paths["summary"].read_text()))
     return {"finished": EXIT_FINISHED, "interrupted": EXIT_INTERRUPTED}.get(outcome, EXIT_FAILED)
@@ -202,16 +249,16 @@ def _watch(supervisor: Supervisor, poller: Poller, topology: Topology, states: d
            settings: ClusterSettings, console: Console):  # fmt: skip
     last_step: list[int | None] = [None]
     if console.is_terminal:
-        with Live(render(poller.poll(_states(supervisor, topology, states))), console=console,
+        with Live(render(_snapshot(supervisor, poller, topology, states)), console=console,
                   refresh_per_second=1, transient=False) as live:  # fmt: skip
 
             def tick() -> None:
-                live.update(render(poller.poll(_states(supervisor, topology, states))))
+                live.update(render(_snapshot(supervisor, poller, topology, states)))
 
             return supervisor.watch(tick, settings.poll_s)
 
     def tick_plain() -> None:
-        snap = poller.poll(_states(supervisor, topology, states))
+        snap = _snapshot(supervisor, poller, topology, states)
         if snap.step is not None and snap.step != last_step[0]:
             last_step[0] = snap.step
             console.print(one_line(snap), markup=False, highlight=False, soft_wrap=True)
@@ -227,6 +274,7 @@ def _report(
     batches: list[dict[str, Any]],
     initial: dict[str, Any] | None,
     timings: dict[str, float],
+    restarts: dict[str, int],
 ) -> dict[str, Path]:
     learner = next(p for p in topology.processes if p.main)
     path = log_path(settings.run_dir, learner)
@@ -236,6 +284,7 @@ def _report(
         run_id=settings.run_id, outcome=outcome, error=error, settings=settings.model_dump(mode="json"),
         services={p.name: p.settings for p in topology.processes}, steps=steps, evals=evals, batches=batches,
         initial_eval=initial, timings=timings, dashboard_url=topology.dashboard_url, starts=learner_starts(lines),
+        restarts=restarts,
     )  # fmt: skip
     paths = write_report(settings.run_dir, summary)
     log.info("report written", extra=log_fields(path=str(paths["summary"]), outcome=outcome))

@@ -123,6 +123,14 @@ class CoefficientResult(_message.Message):
     m2: float
     def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., mode: _Optional[_Union[_common_pb2.CorrectionMode, str]] = ..., level: _Optional[_Union[_common_pb2.WeightLevel, str]] = ..., n_tokens: _Optional[int] = ..., n_sequences: _Optional[int] = ..., alpha: _Optional[float] = ..., alpha_raw: _Optional[float] = ..., alpha_ema: _Optional[float] = ..., alpha_ais: _Optional[float] = ..., kl: _Optional[float] = ..., severity: _Optional[float] = ..., applied: _Optional[_Union[WeightStats, _Mapping]] = ..., raw: _Optional[_Union[WeightStats, _Mapping]] = ..., kl_k1: _Optional[float] = ..., chi2_token: _Optional[float] = ..., chi2_sequence: _Optional[float] = ..., ppl_ratio: _Optional[float] = ..., frac_truncated: _Optional[float] = ..., frac_masked: _Optional[float] = ..., frac_vetoed: _Optional[float] = ..., frac_opsm: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ..., computed_unix: _Optional[float] = ..., compute_ms: _Optional[float] = ..., computed_locally: _Optional[bool] = ..., frac_mask_low: _Optional[float] = ..., frac_mask_high: _Optional[float] = ..., frac_rejected: _Optional[float] = ..., frac_m2po: _Optional[float] = ..., frac_kept: _Optional[float] = ..., weight_std: _Optional[float] = ..., loss_weight_mean: _Optional[float] = ..., ess_sequence: _Optional[float] = ..., m2: _Optional[float] = ...) -> None: ...
 
+class LocalRecord(_message.Message):
+    __slots__ = ("result", "config")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    result: CoefficientResult
+    config: _common_pb2.CorrectionConfig
+    def __init__(self, result: _Optional[_Union[CoefficientResult, _Mapping]] = ..., config: _Optional[_Union[_common_pb2.CorrectionConfig, _Mapping]] = ...) -> None: ...
+
 class GetLatestRequest(_message.Message):
     __slots__ = ("run_id",)
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

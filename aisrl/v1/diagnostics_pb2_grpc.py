@@ -44,6 +44,11 @@ class DiagnosticsStub:
                 request_serializer=aisrl_dot_v1_dot_diagnostics__pb2.GetLatestRequest.SerializeToString,
                 response_deserializer=aisrl_dot_v1_dot_diagnostics__pb2.CoefficientResult.FromString,
                 _registered_method=True)
+        self.RecordLocal = channel.unary_unary(
+                '/aisrl.v1.Diagnostics/RecordLocal',
+                request_serializer=aisrl_dot_v1_dot_diagnostics__pb2.LocalRecord.SerializeToString,
+                response_deserializer=aisrl_dot_v1_dot_diagnostics__pb2.CoefficientResult.FromString,
+                _registered_method=True)
 
 
 class DiagnosticsServicer:
@@ -63,6 +68,15 @@ class DiagnosticsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordLocal(self, request, context):
+        """Records a result the learner computed itself while the service did not answer, once it answers
+        again (computed_locally is stored as true). A step that already has a record keeps it. Returns
+        the record kept for the step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiagnosticsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +88,11 @@ def add_DiagnosticsServicer_to_server(servicer, server):
             'GetLatest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLatest,
                     request_deserializer=aisrl_dot_v1_dot_diagnostics__pb2.GetLatestRequest.FromString,
+                    response_serializer=aisrl_dot_v1_dot_diagnostics__pb2.CoefficientResult.SerializeToString,
+            ),
+            'RecordLocal': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordLocal,
+                    request_deserializer=aisrl_dot_v1_dot_diagnostics__pb2.LocalRecord.FromString,
                     response_serializer=aisrl_dot_v1_dot_diagnostics__pb2.CoefficientResult.SerializeToString,
             ),
     }
@@ -130,6 +149,33 @@ class Diagnostics:
             target,
             '/aisrl.v1.Diagnostics/GetLatest',
             aisrl_dot_v1_dot_diagnostics__pb2.GetLatestRequest.SerializeToString,
+            aisrl_dot_v1_dot_diagnostics__pb2.CoefficientResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordLocal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aisrl.v1.Diagnostics/RecordLocal',
+            aisrl_dot_v1_dot_diagnostics__pb2.LocalRecord.SerializeToString,
             aisrl_dot_v1_dot_diagnostics__pb2.CoefficientResult.FromString,
             options,
             channel_credentials,

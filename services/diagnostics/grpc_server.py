@@ -2,7 +2,9 @@
 
 Invariants: invalid input is answered with INVALID_ARGUMENT and a message naming the field;
 a batch whose caller's deadline has passed by the time it is computed is not recorded (the
-learner will have computed it locally); message size limits admit batches of millions of tokens.
+learner will have computed it locally, and sends it with RecordLocal once the service answers
+again; RecordLocal never replaces an existing record of that step); message size limits admit
+batches of millions of tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from grpc_reflection.v1alpha import reflection as grpc_reflection
 from aisrl.core.types import BatchValidationError
 from aisrl.services.diagnostics.service import CoefficientService
 from aisrl.v1 import diagnostics_pb2, diagnostics_pb2_grpc
-from aisrl.wire.coefficient import batch_from_pb, config_from_pb, record_to_pb
+from aisrl.wire.coefficient import batch_from_pb, config_from_pb, record_from_pb, record_to_pb
 
 SERVICE_NAME = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name
 
@@ -55,6 +57,20 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while computing; not recorded")
         self._count("ComputeCoefficient", grpc.StatusCode.OK)
         return record_to_pb(record)
+
+    async def RecordLocal(self, request, context):
+        if not request.result.run_id:
+            self._count("RecordLocal", grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "result.run_id: must not be empty")
+        try:
+            config = config_from_pb(request.config)
+            record = record_from_pb(request.result) | {"config": config.model_dump(mode="json")}
+        except (BatchValidationError, ValueError, KeyError) as exc:
+            self._count("RecordLocal", grpc.StatusCode.INVALID_ARGUMENT)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        kept = await self.service.record_local(record)
+        self._count("RecordLocal", grpc.StatusCode.OK)
+        return record_to_pb(kept)
 
     async def GetLatest(self, request, context):
         record = await self.service.history.latest(request.run_id) if request.run_id else None

@@ -48,6 +48,20 @@ class CoefficientService:
         self.metrics.tokens.labels(path="rest").inc(fields["n_tokens"])
         return fields | {"compute_ms": compute_s * 1e3}
 
+    async def record_local(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Stores a record the learner computed itself (kept `computed_locally`) unless its step already has
+        one (the service's own result wins); returns the record kept for the step. The latest-record gauges
+        are left alone: a late local record is older than what they show."""
+        run_id, step = record["run_id"], int(record["step"])
+        existing = await self.history.get(run_id, step)
+        if existing is not None:
+            return existing
+        record = {**record, "computed_locally": True}
+        trimmed = await self.history.record(run_id, record)
+        if trimmed:
+            self.metrics.trimmed.labels(run=run_id).inc(trimmed)
+        return record
+
     async def compute_for_run(
         self,
         run_id: str,

@@ -7,6 +7,10 @@ Invariants:
   the step's record says `computed_locally: true` (and the metric counts it, with the reason).
 - One failure does not stick: the next step asks the service again, on a fresh channel, so the
   learner resumes using the service as soon as it answers.
+- No hole in the service's history: the records of steps computed locally while a service is
+  configured are kept (up to `MAX_UNSENT`, oldest dropped and logged) and sent with RecordLocal,
+  oldest first, after the next answer of the service; they stay marked `computed_locally`. They
+  live in the learner's memory: a learner restarted meanwhile does not send them.
 - The per-token loss coefficients always come from the local computation's masks and weights with
   the alpha actually used (the service returns statistics, not per-token arrays). Both sides see
   the same float32 logprobs, so their alphas agree (up to the service's own EMA history when beta > 0).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +33,16 @@ from aisrl.core.types import CoefficientResult, CorrectionConfig, MismatchArrays
 from aisrl.logs import log_fields
 from aisrl.services.learner.metrics import LearnerMetrics
 from aisrl.services.learner.trainer import token_coefficients
-from aisrl.v1 import diagnostics_pb2
-from aisrl.wire.coefficient import encode_batch, record_from_pb, result_fields
+from aisrl.v1 import diagnostics_pb2, diagnostics_pb2_grpc
+from aisrl.wire.coefficient import config_to_pb, encode_batch, record_from_pb, record_to_pb, result_fields
 
 log = logging.getLogger("aisrl.learner.diagnostics")
 
 _COMPUTE_METHOD = "/{}/ComputeCoefficient".format(diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name)
 # Batches at least this large are computed in a worker thread, off the event loop.
 _OFFLOAD_TOKENS = 50_000
+MAX_UNSENT = 10_000  # local records kept for the service (the service's default history limit)
+_SEND_PER_STEP = 64  # local records sent after one answer: a long outage is caught up over a few steps
 
 
 @dataclass(frozen=True)
@@ -79,18 +86,25 @@ class DiagnosticsClient:
         self.max_message_bytes = max_message_mb << 20
         self._channel: grpc.aio.Channel | None = None
         self._was_local = False
+        self.unsent: deque[dict[str, Any]] = deque()  # local records the service has not got yet, oldest first
 
-    def _compute(self) -> grpc.aio.UnaryUnaryMultiCallable:
-        """ComputeCoefficient taking the request already serialized (`encode_batch`: much faster than protobuf's)."""
+    def _channel_open(self) -> grpc.aio.Channel:
         if self._channel is None:
             options = [
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.max_receive_message_length", self.max_message_bytes),
             ]
             self._channel = grpc.aio.insecure_channel(self.target, options=options)
-        return self._channel.unary_unary(
+        return self._channel
+
+    def _compute(self) -> grpc.aio.UnaryUnaryMultiCallable:
+        """ComputeCoefficient taking the request already serialized (`encode_batch`: much faster than protobuf's)."""
+        return self._channel_open().unary_unary(
             _COMPUTE_METHOD, request_serializer=None, response_deserializer=diagnostics_pb2.CoefficientResult.FromString
         )
+
+    def _stub(self) -> diagnostics_pb2_grpc.DiagnosticsStub:
+        return diagnostics_pb2_grpc.DiagnosticsStub(self._channel_open())
 
     async def _reset(self) -> None:
         channel, self._channel = self._channel, None
@@ -130,8 +144,40 @@ class DiagnosticsClient:
                 self._was_local = False
                 record = record_from_pb(answer)
                 coef = token_coefficients(arrays, self.config, answer.alpha, local.token_keep)
+                await self._send_unsent()
                 return Coefficient(answer.alpha, answer.alpha_ema, coef, n_kept, record, computed_locally=False)
         self._was_local = bool(self.target)
         self.metrics.local_alpha.labels(reason=reason).inc()
         record = local_record(local, self.run_id, step, version, compute_ms)
+        if self.target:
+            self._keep_unsent(record)
         return Coefficient(local.alpha, local.alpha_ema, np.asarray(local.token_coef), n_kept, record, True, reason)
+
+    def _keep_unsent(self, record: dict[str, Any]) -> None:
+        self.unsent.append(record)
+        if len(self.unsent) > MAX_UNSENT:
+            dropped = self.unsent.popleft()
+            log.warning("too many local records for the diagnostics service: the oldest is dropped",
+                        extra=log_fields(step=dropped["step"], kept=MAX_UNSENT))  # fmt: skip
+
+    async def _send_unsent(self) -> None:
+        """Sends up to _SEND_PER_STEP kept local records, oldest first; stops (keeping the rest) on an error."""
+        sent = 0
+        config = config_to_pb(self.config)
+        while self.unsent and sent < _SEND_PER_STEP:
+            record = self.unsent[0]
+            request = diagnostics_pb2.LocalRecord(result=record_to_pb(record), config=config)
+            try:
+                await self._stub().RecordLocal(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                fields = log_fields(step=record["step"], code=exc.code().name, details=exc.details(),
+                                    left=len(self.unsent))  # fmt: skip
+                log.warning("local records not sent to the diagnostics service yet", extra=fields)
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    self.unsent.popleft()  # refused for good: sending it again would not help
+                return
+            self.unsent.popleft()
+            sent += 1
+        if sent:
+            log.info("local records sent to the diagnostics service",
+                     extra=log_fields(count=sent, left=len(self.unsent)))  # fmt: skip

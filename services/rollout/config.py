@@ -77,7 +77,11 @@ class RolloutSettings(CommonSettings):
         5.0, ge=0, le=3600, description="Seconds between scans for idle pending jobs (0: before every batch)."
     )
     max_deliveries: int = Field(
-        5, ge=1, le=1000, description="A job delivered more often than this without a result is dead-lettered."
+        5,
+        ge=1,
+        le=1000,
+        description="A job is dead-lettered once this many attempts to sample it never ended (a worker crashed or "
+        "was killed on it); re-reads after a restart and takeovers do not count.",
     )
     max_group_size: int = Field(256, ge=1, le=65_536, description="Largest group_size accepted in a job.")
     max_tokens_limit: int = Field(8192, ge=1, le=1_048_576, description="Largest max_tokens accepted in a job.")

@@ -34,6 +34,12 @@ class RolloutLogprobError(ValueError):
     """An engine returned a logprob that cannot belong to a sampling distribution (NaN, inf, > 0, missing)."""
 
 
+class PromptRejected(ValueError):
+    """The engine refuses a request for what it asks, not for the engine's state: a prompt longer than the
+    model's context, one without tokens, token ids outside the model's vocabulary, sampling parameters the
+    engine does not accept. The job is bad (dead-lettered); the engine and the other jobs are fine."""
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to sample one batch. `n` completions per prompt (the GRPO group size G).
@@ -114,6 +120,26 @@ def check_logprobs(token_ids: np.ndarray, logprobs: np.ndarray) -> None:
         raise RolloutLogprobError(
             f"Completion.logprobs[{i}] = {logprobs[i]!r} for token {int(token_ids[i])}: not a logprob "
             f"({int(bad.sum())} bad of {len(logprobs)}); the engine's logits are broken"
+        )
+
+
+def check_prompt_tokens(ids: Sequence[int], max_tokens: int, max_model_len: int, vocab_size: int) -> None:
+    """Raises PromptRejected unless a prompt of token `ids` and `max_tokens` completion tokens fit the model.
+
+    A prompt that fits but leaves fewer than max_tokens is refused too: vLLM would silently cut its
+    completions short at the context limit (finish reason "length", as if max_tokens were reached)."""
+    if len(ids) == 0:
+        raise PromptRejected("the prompt has no tokens")
+    bad = [int(i) for i in ids if not 0 <= int(i) < vocab_size]
+    if bad:
+        raise PromptRejected(
+            f"prompt token ids {bad[:5]} are outside the model's vocabulary of {vocab_size} "
+            "(tokenizer and model do not match)"
+        )
+    if len(ids) + max_tokens > max_model_len:
+        raise PromptRejected(
+            f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} that exceeds the model's "
+            f"maximum length of {max_model_len} tokens"
         )
 
 
@@ -239,6 +265,14 @@ class RolloutEngine(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt, in prompt order."""
+
+    def check_prompt(self, prompt: str, max_tokens: int) -> None:
+        """Raises PromptRejected when `prompt` with up to `max_tokens` completion tokens cannot be sampled whole.
+
+        Called per job before sampling, so one bad prompt never fails a batch. Engines with a context
+        limit and a vocabulary override it; this base check only refuses a prompt without text."""
+        if not prompt:
+            raise PromptRejected("the prompt is empty")
 
     @abstractmethod
     def load_weights(self, model_dir: str | Path) -> float:

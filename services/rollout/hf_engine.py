@@ -26,6 +26,7 @@ from aisrl.services.rollout.engine import (
     EngineConfig,
     RolloutEngine,
     SamplingConfig,
+    check_prompt_tokens,
     check_same_layout,
     make_completion,
     newline_token_ids,
@@ -69,6 +70,12 @@ class HfEngine(RolloutEngine):
             self.load_weights(self.model_dir)
         self._stop_ids = sorted({*newline_token_ids(self._tokenizer), self._tokenizer.eos_token_id})
         self._eos_only = [self._tokenizer.eos_token_id]
+
+    def check_prompt(self, prompt: str, max_tokens: int) -> None:
+        super().check_prompt(prompt, max_tokens)
+        ids = self._tokenizer(prompt)["input_ids"]
+        config = self._model.config
+        check_prompt_tokens(ids, max_tokens, config.max_position_embeddings, config.vocab_size)
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
         if self._broken:

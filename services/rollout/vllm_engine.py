@@ -26,8 +26,10 @@ from aisrl.models.quant.schemes import resolve
 from aisrl.services.rollout.engine import (
     Completion,
     EngineConfig,
+    PromptRejected,
     RolloutEngine,
     SamplingConfig,
+    check_prompt_tokens,
     check_same_layout,
     make_completion,
     newline_token_ids,
@@ -66,6 +68,8 @@ class VllmEngine(RolloutEngine):
             self.close()
             raise
         self._tokenizer = self._llm.get_tokenizer()
+        model_config = self._llm.llm_engine.model_config
+        self.max_model_len, self.vocab_size = model_config.max_model_len, model_config.get_vocab_size()
         self._newline_ids = newline_token_ids(self._tokenizer)
 
     def _start(self, load_dir: Path):
@@ -121,12 +125,26 @@ class VllmEngine(RolloutEngine):
             )
         return wanted
 
+    def check_prompt(self, prompt: str, max_tokens: int) -> None:
+        super().check_prompt(prompt, max_tokens)
+        # The tokenizer vLLM itself applies to a text prompt (BOS included).
+        ids = self._tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        check_prompt_tokens(ids, max_tokens, self.max_model_len, self.vocab_size)
+
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
-        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
 
         self._check_usable()
         if not prompts:
             return []
+        try:  # vLLM validates requests before scheduling any (and aborts those already added)
+            return self._generate(prompts, sampling)
+        except VLLMClientError as exc:  # not a ValueError in vLLM 0.32: VLLMValidationError and kin
+            raise PromptRejected(f"vLLM refused the request: {exc}") from exc
+
+    def _generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
         stop_ids = self._newline_ids if sampling.stop_at_newline else []
         params = [
             SamplingParams(

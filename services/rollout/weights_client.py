@@ -8,6 +8,9 @@ Invariants:
   its current version and the fetch is retried with exponential backoff (counted and logged).
 - Only versions newer than the newest one loaded or ready are fetched; a newer notice that
   arrives during a backoff is fetched next, the stale one is dropped.
+- The newest announcement wins: a re-announcement of the version being fetched (a learner that
+  resumed, serving at a new address) replaces the old notice and is tried at once, so a replica
+  never keeps retrying an address nobody serves from any more.
 - Every fetch has a deadline (the whole gRPC stream), so a stuck server never wedges a replica.
 - A replica that starts late catches up: the newest notice already on the stream is its first target.
 - The follower stops when cancelled, also when a library dropped the CancelledError (`raise_if_cancelled`).
@@ -277,9 +280,14 @@ class WeightsFollower:
             except ValueError as exc:
                 log.warning("ignoring a weight notice", extra=log_fields(entry=entry.id, error=str(exc)))
                 continue
-            if notice.version > max(self.newest_known, self.target.version if self.target else 0):
+            if notice.version <= self.newest_known:
+                continue
+            if self.target is None or notice.version >= self.target.version:
+                if self.target is not None and notice.version == self.target.version:
+                    log.info("weight version re-announced: following the new notice", extra=log_fields(
+                        version=notice.version, endpoint=notice.endpoint, previous=self.target.endpoint))  # fmt: skip
                 self.target = notice
-                self._retry_at = 0.0  # a newer version is worth trying at once
+                self._retry_at = 0.0  # a newer notice is worth trying at once
                 self._changed.set()
 
     async def _fetch(self, notice: weights_pb2.WeightVersionNotice) -> None:

@@ -12,9 +12,15 @@ Invariants:
   counted and logged): a group sampled under an older version would be trained too stale.
 - The engine never samples while broken: a reload that fails part-way is followed by a reload of
   the last good version's directory; if that fails too, the worker raises `EngineBroken` (fatal).
-- A job that cannot be used (undecodable, wrong run, unknown task, bad problem, bad sizes,
-  broken logprobs, a failing verifier, delivered too often) is dead-lettered with its reason;
-  the worker keeps running. Logprobs are never repaired or replaced by zeros.
+- A job that cannot be used (undecodable, wrong run, unknown task, bad problem, bad sizes, a prompt
+  or sampling parameters the engine refuses, broken logprobs, a failing verifier, crashing
+  workers) is dead-lettered with its reason; the worker keeps running. Prompts are checked against
+  the engine's limits before sampling; a batch the engine still fails is sampled job by job, so the
+  other jobs of the batch are sampled, never dead-lettered with the culprit.
+  Logprobs are never repaired or replaced by zeros.
+- Crashing workers means: `max_deliveries` attempts to sample the job began and never ended
+  (streams' `attempts` hash). Re-reads after a restart and takeovers, which Redis counts as
+  deliveries, do not count; nor does a stop (the attempt ends when the batch is cancelled).
 - Nothing is read while the trajectories backlog is at its limit (backpressure).
 - On stop, the current batch is finished; a batch read after the stop, or interrupted
   (cancelled, crashed), is released (left pending, immediately reclaimable), never acknowledged.
@@ -41,6 +47,7 @@ from aisrl.logs import log_fields
 from aisrl.services.rollout.config import RolloutSettings
 from aisrl.services.rollout.engine import (
     Completion,
+    PromptRejected,
     RolloutEngine,
     RolloutLogprobError,
     SamplingConfig,
@@ -52,6 +59,9 @@ from aisrl.v1 import rollout_pb2
 from aisrl.wire.arrays import float32_to_bytes, int32_to_bytes
 
 log = logging.getLogger("aisrl.rollout")
+# What an engine raises for one job's request (PromptRejected, RolloutLogprobError and other ValueErrors):
+# sampled alone and still failing, the job is dead-lettered. Anything else is the engine's trouble.
+JOB_ERRORS = (ValueError,)
 T = TypeVar("T")
 
 
@@ -94,6 +104,7 @@ class Job:
     task: Task
     problem: Problem
     received_unix: float
+    crashes: int = 0  # earlier attempts to sample it that never ended: it is sampled alone
 
 
 @dataclass(frozen=True)
@@ -113,13 +124,17 @@ def decode_job(
     tasks: Callable[[str], Task],
     parse_problem: Callable[[str], Problem],
     now: float,
+    crashes: int = 0,
 ) -> Job:
-    """The usable job in a stream entry, or InvalidJob saying why not."""
-    if entry.deliveries > limits.max_deliveries:
+    """The usable job in a stream entry, or InvalidJob saying why not.
+
+    `crashes`: sampling attempts on it that never ended (streams.unfinished_attempts); re-reads after a
+    restart and takeovers (Redis's delivery count) do not count."""
+    if crashes >= limits.max_deliveries:
         raise InvalidJob(
-            "deliveries",
-            f"delivered {entry.deliveries} times without a result (max_deliveries={limits.max_deliveries}); "
-            "the job may be crashing workers",
+            "crashes",
+            f"{crashes} attempts to sample it never ended (max_deliveries={limits.max_deliveries}): "
+            f"the job crashes workers (delivered {entry.deliveries} times)",
         )
     if entry.payload is None:
         raise InvalidJob("payload", f"entry has no {streams.PAYLOAD_FIELD.decode()!r} field")
@@ -147,7 +162,7 @@ def decode_job(
         raise InvalidJob("problem", f"problem_json is not a valid problem: {exc}") from None
     if problem.task != pb.task:
         raise InvalidJob("problem", f"problem_json is a {problem.task!r} problem, the job says task {pb.task!r}")
-    return Job(entry.id, pb, task, problem, now)
+    return Job(entry.id, pb, task, problem, now, crashes)
 
 
 def required_version(jobs: Sequence[Job]) -> int:
@@ -471,7 +486,8 @@ class RolloutWorker:
     async def process(self, entries: Sequence[streams.StreamEntry], stop: asyncio.Event | None = None) -> None:
         """Decodes, samples, scores and writes one batch (see the module invariants)."""
         started = time.monotonic()
-        jobs, dead = self._decode(entries)
+        crashes = await streams.unfinished_attempts(self.client, self.streams.attempts, [e.id for e in entries])
+        jobs, dead = self._decode(entries, crashes)
         if dead:  # written at once: a later engine failure must not send them round again
             await self._write([], dead)
         if not jobs:
@@ -501,12 +517,16 @@ class RolloutWorker:
 
     # -- steps
 
-    def _decode(self, entries: Sequence[streams.StreamEntry]) -> tuple[list[Job], list[tuple[str, bytes, InvalidJob]]]:
+    def _decode(
+        self, entries: Sequence[streams.StreamEntry], crashes: dict[str, int]
+    ) -> tuple[list[Job], list[tuple[str, bytes, InvalidJob]]]:
         jobs, dead = [], []
         now = self.clock()
         for entry in entries:
             try:
-                jobs.append(decode_job(entry, self.limits, self._task, self._parse_problem, now))
+                jobs.append(
+                    decode_job(entry, self.limits, self._task, self._parse_problem, now, crashes.get(entry.id, 0))
+                )
             except InvalidJob as exc:
                 dead.append((entry.id, entry.payload or b"", exc))
         return jobs, dead
@@ -514,35 +534,68 @@ class RolloutWorker:
     async def _generate(
         self, jobs: Sequence[Job]
     ) -> tuple[list[tuple[Job, list[Completion]]], list[tuple[str, bytes, InvalidJob]], float]:
-        """Completions per job. A batch the engine rejects is retried job by job, to dead-letter only the culprit."""
+        """Completions per job. Prompts the engine cannot sample whole are refused first, job by job; a batch
+        the engine still fails is retried job by job, to dead-letter only the culprit and sample the others."""
         sampled: list[tuple[Job, list[Completion]]] = []
         failed: list[tuple[str, bytes, InvalidJob]] = []
         t0 = time.perf_counter()
-        for sampling, group in sampling_batches(jobs):
+        refused = await self._engine_call(self._refused_prompts, jobs)
+        failed += [self._engine_failure(job, exc) for job, exc in refused]
+        refused_ids = {job.entry_id for job, _ in refused}
+        jobs = [job for job in jobs if job.entry_id not in refused_ids]
+        # A job an earlier attempt crashed on is sampled alone: a crash then charges no other job.
+        calls = sampling_batches([job for job in jobs if not job.crashes])
+        calls += [call for job in jobs if job.crashes for call in sampling_batches([job])]
+        for sampling, group in calls:
             try:
                 sampled += await self._sample(group, sampling)
-            except (RolloutLogprobError, ValueError) as exc:
-                if len(group) == 1:
+            except Exception as exc:  # which job (if any) is at fault is only known by sampling each alone
+                if len(group) == 1 and isinstance(exc, JOB_ERRORS):
                     failed.append(self._engine_failure(group[0], exc))
                     continue
-                self._log(logging.WARNING, "engine rejected a batch, retrying job by job", error=repr(exc))
+                if len(group) == 1:
+                    raise  # not a refusal of this job: the engine is in trouble (a real failure of the worker)
+                self._log(logging.WARNING, "engine failed a batch, sampling its jobs one by one", error=repr(exc),
+                          jobs=len(group))  # fmt: skip
                 for job in group:
                     try:
                         sampled += await self._sample([job], sampling)
-                    except (RolloutLogprobError, ValueError) as single:
+                    except JOB_ERRORS as single:
                         failed.append(self._engine_failure(job, single))
         return sampled, failed, time.perf_counter() - t0
 
+    def _refused_prompts(self, jobs: Sequence[Job]) -> list[tuple[Job, PromptRejected]]:
+        """The jobs whose prompt the engine cannot sample whole (too long, no tokens, unknown token ids)."""
+        refused = []
+        for job in jobs:
+            try:
+                self.engine.check_prompt(job.problem.prompt, job.pb.max_tokens)
+            except PromptRejected as exc:
+                refused.append((job, exc))
+        return refused
+
     async def _sample(self, jobs: Sequence[Job], sampling: SamplingConfig) -> list[tuple[Job, list[Completion]]]:
-        prompts = [job.problem.prompt for job in jobs]
-        outputs = await self._engine_call(self.engine.generate, prompts, sampling)
+        """One engine call, recorded as an attempt on its jobs (streams' `attempts`) until it returns. A crash or
+        kill of the worker meanwhile leaves the attempt charged; so does an error that is not a job error on a
+        job sampled alone (it propagates: the worker crashed on that job). Any other ending ends the attempt."""
+        ids = [job.entry_id for job in jobs]
+        await streams.begin_attempts(self.client, self.streams.attempts, ids)
+        try:
+            outputs = await self._engine_call(self.engine.generate, [job.problem.prompt for job in jobs], sampling)
+        except BaseException as exc:
+            if len(jobs) > 1 or isinstance(exc, (asyncio.CancelledError, *JOB_ERRORS)):
+                with contextlib.suppress(Exception):  # Redis gone: the attempt stays charged, once
+                    await streams.end_attempts(self.client, self.streams.attempts, ids)
+            raise
+        await streams.end_attempts(self.client, self.streams.attempts, ids)
         if len(outputs) != len(jobs):  # an engine bug, not a bad job
             raise RuntimeError(f"engine returned {len(outputs)} groups for {len(jobs)} prompts")
         return list(zip(jobs, outputs, strict=True))
 
     @staticmethod
     def _engine_failure(job: Job, exc: Exception) -> tuple[str, bytes, InvalidJob]:
-        kind = "logprobs" if isinstance(exc, RolloutLogprobError) else "engine"
+        kinds = ((PromptRejected, "prompt"), (RolloutLogprobError, "logprobs"))
+        kind = next((name for cls, name in kinds if isinstance(exc, cls)), "engine")
         return job.entry_id, job.pb.SerializeToString(), InvalidJob(kind, f"engine refused the job: {exc}")
 
     async def _write(
@@ -561,6 +614,8 @@ class RolloutWorker:
             for entry_id, payload, exc in dead
         ]  # fmt: skip
         written = await streams.append_and_ack(self.client, self.streams.prompts, self.group, self.worker_id, appends)
+        done = [a.source_id for a, new_id in zip(appends, written, strict=True) if new_id is not None]
+        await streams.forget_attempts(self.client, self.streams.attempts, done)
         resolved = {a.source_id for a in appends}
         self._in_flight = [i for i in self._in_flight if i not in resolved]
         for (job, _), new_id in zip(groups, written, strict=False):

@@ -100,7 +100,8 @@ class FakeEngine(RolloutEngine):
     """Deterministic: even completions answer the echo prompt right, odd ones wrong.
 
     Prompts with "NAN" make the whole call raise RolloutLogprobError (as make_completion does for a
-    real engine); "MISSING" returns completions with fewer logprobs than tokens, unvalidated.
+    real engine); "MISSING" returns completions with fewer logprobs than tokens, unvalidated;
+    "CRASH" makes the call raise RuntimeError (not a job error: the engine failing on that prompt).
     `gate` (a threading.Event) holds generate until set; `gate_file` holds it until the file exists.
     Loading a directory named in `break_on` fails part-way and leaves the engine broken (mixed
     weights, as VllmEngine after a failed reload): it refuses to generate until a load succeeds.
@@ -148,6 +149,8 @@ class FakeEngine(RolloutEngine):
         while self.gate_file and not Path(self.gate_file).exists():
             time.sleep(0.01)
         time.sleep(self.delay_s)
+        if any("CRASH" in p.partition(":")[0] for p in prompts):
+            raise RuntimeError("the fake engine crashed on a prompt")
         return [self._group(p, sampling) for p in prompts]
 
     def _group(self, prompt: str, sampling: SamplingConfig) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -84,6 +85,36 @@ async def test_records_history_and_serves_latest(stub):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetLatest(diagnostics_pb2.GetLatestRequest(run_id="nope"), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_local_record_fills_its_step_and_never_replaces_the_services_own(stub, diagnostics):
+    from aisrl.core.ais import compute_coefficient as compute
+    from aisrl.wire.coefficient import config_to_pb, record_to_pb, result_fields
+
+    config = CorrectionConfig()
+    served = await stub.ComputeCoefficient(batch_to_pb(synthetic_batch(seed=1), config, run_id="gap", step=1))
+    local = compute(_f32(synthetic_batch(seed=2)), config)
+    record = {
+        "run_id": "gap",
+        "step": 2,
+        "policy_version": 1,
+        **result_fields(local),
+        "computed_unix": 1.0,
+        "compute_ms": 0.5,
+        "computed_locally": False,
+    }  # fmt: skip  (stored as local whatever it says)
+    kept = await stub.RecordLocal(diagnostics_pb2.LocalRecord(result=record_to_pb(record), config=config_to_pb(config)))
+    assert kept.step == 2 and kept.computed_locally and kept.alpha == local.alpha
+    again = await stub.RecordLocal(
+        diagnostics_pb2.LocalRecord(result=record_to_pb({**record, "step": 1}), config=config_to_pb(config))
+    )
+    assert not again.computed_locally and again.alpha == served.alpha  # step 1 keeps the service's record
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{diagnostics.http_port}") as http:
+        page = (await http.get("/v1/runs/gap/batches")).json()
+    assert [(b["step"], b["computed_locally"]) for b in page["batches"]] == [(1, False), (2, True)]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.RecordLocal(diagnostics_pb2.LocalRecord(result=diagnostics_pb2.CoefficientResult(step=3)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "run_id" in err.value.details()
 
 
 async def test_dry_run_is_not_recorded(stub):

@@ -18,6 +18,7 @@ from learner_support import learner_settings, make_group, put_groups, tiny_model
 from aisrl.core.ais import compute_coefficient
 from aisrl.redis_conn import free_port
 from aisrl.services.diagnostics.config import DiagnosticsSettings
+from aisrl.services.diagnostics.history import History
 from aisrl.services.diagnostics.main import start_diagnostics
 from aisrl.services.learner.groups import decode_group
 from aisrl.services.learner.learner import Learner
@@ -121,6 +122,11 @@ async def test_diagnostics_timeout_falls_back_locally_and_resumes_with_the_servi
         second = await learner.step_once()
         assert not second.computed_locally and second.diagnostics["computed_locally"] is False
         assert local._value.get() == 1  # the service answers again: no more local steps
+        # The step computed locally while the service was away is in its history now, marked local.
+        history = History(learner.client)
+        step1, step2 = await history.get("t", first.step), await history.get("t", second.step)
+        assert step1["computed_locally"] is True and step1["alpha"] == first.alpha
+        assert step2["computed_locally"] is False and step1["config"]["mode"] == step2["config"]["mode"]
     finally:
         hung.close()
         await learner.close()

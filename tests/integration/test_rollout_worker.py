@@ -290,18 +290,54 @@ async def _n_dead(client, n: int):
     return len(await dead_letters(client)) >= n
 
 
-async def test_a_job_delivered_too_often_is_dead_lettered(client, redis_url):
+async def test_restarts_and_takeovers_never_dead_letter_a_healthy_job(client, redis_url):
+    """Redis counts every re-read after a restart and every takeover as a delivery; none is a crash."""
     await streams.ensure_group(client, KEYS.prompts, GROUP)
-    await add_jobs(client, "poison")
-    (entry,) = await streams.read_new(client, KEYS.prompts, GROUP, "crashed-1", count=1, block_ms=None)
-    for crashed in ("crashed-2", "crashed-3"):  # two more replicas took it and died
-        await client.xclaim(KEYS.prompts, GROUP, crashed, 0, [entry.id])
-    worker = make_worker(client, FakeEngine(), make_settings(redis_url, reclaim_idle_ms=1, max_deliveries=3))
-    running = Running(worker)
-    (record,) = await wait_until(lambda: dead_letters(client), what="the dead letter")
+    await add_jobs(client, "healthy")
+    (entry,) = await streams.read_new(client, KEYS.prompts, GROUP, "gone-1", count=1, block_ms=None)
+    for gone in ("gone-2", "gone-3"):  # taken over from consumers that left
+        await client.xclaim(KEYS.prompts, GROUP, gone, 0, [entry.id])
+    settings = make_settings(redis_url, reclaim_idle_ms=1, max_deliveries=2)
+    for _ in range(4):  # w1 takes it, starts sampling, is stopped; restarted, it re-reads its own pending job
+        gate = threading.Event()
+        engine = FakeEngine(gate=gate)
+        running = Running(make_worker(client, engine, settings))
+        try:
+            await wait_until(engine.entered.is_set, what="sampling")
+            running.task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running.task
+        finally:
+            gate.set()
+    (row,) = await client.xpending_range(KEYS.prompts, GROUP, min="-", max="+", count=10)
+    assert row["times_delivered"] >= 7  # far past max_deliveries
+    running = Running(make_worker(client, FakeEngine(), settings))
+    await wait_until(lambda: _n_groups(client, 1), what="the group")
     await running.stop()
-    assert record.message_id == entry.id and "delivered 4 times" in record.reason
-    assert await groups_written(client) == [] and await pending(client) == 0
+    assert [g.job_id for g in await groups_written(client)] == ["healthy"] and await dead_letters(client) == []
+    assert await client.hlen(KEYS.attempts) == 0  # resolved jobs leave no record
+
+
+async def test_a_job_that_crashes_workers_is_dead_lettered_and_its_batch_mates_are_not(client, redis_url):
+    await streams.ensure_group(client, KEYS.prompts, GROUP)
+    await add_jobs(client, "good-1")
+    await add_jobs(client, "poison", marker="CRASH")
+    await add_jobs(client, "good-2")
+    settings = make_settings(redis_url, max_deliveries=2)
+    for attempt in (1, 2):  # the worker crashes on it, is restarted (same id), and crashes again
+        running = Running(make_worker(client, FakeEngine(), settings))
+        with pytest.raises(RuntimeError, match="crashed on a prompt"):
+            await asyncio.wait_for(running.task, timeout=30)
+        charged = {k.decode(): int(v) for k, v in (await client.hgetall(KEYS.attempts)).items()}
+        poison_id = (await client.xrange(KEYS.prompts))[1][0].decode()
+        assert charged.pop(poison_id) == attempt and set(charged.values()) <= {0}  # its batch-mates are not charged
+    running = Running(make_worker(client, FakeEngine(), settings))
+    (record,) = await wait_until(lambda: dead_letters(client), what="the dead letter")
+    await wait_until(lambda: _n_groups(client, 2), what="the good groups")
+    await running.stop()
+    assert "2 attempts to sample it never ended" in record.reason and "crashes workers" in record.reason
+    assert sorted(g.job_id for g in await groups_written(client)) == ["good-1", "good-2"]
+    assert await pending(client) == 0 and await client.hlen(KEYS.attempts) == 0
 
 
 # ----------------------------------------------------------------------------- backpressure
@@ -425,6 +461,31 @@ async def following(client, tmp_path, metrics, *, announce: int | None = None):
 async def publish(client, server: WeightsTestServer, version: int) -> None:
     server.versions[version] = tiny_state(version)
     await streams.append(client, KEYS.weights, server.notice(RUN, version))
+
+
+async def test_a_version_re_announced_at_a_new_address_is_fetched_from_there(client, redis_url, tmp_path):
+    """What a resumed learner does: it serves the same version again, from a new port."""
+    old, new = await WeightsTestServer().start(), await WeightsTestServer().start()
+    old.versions[1] = new.versions[1] = tiny_state(1)
+    await streams.append(client, KEYS.weights, old.notice(RUN, 1))
+    await old.stop()  # the learner that announced it is gone
+    metrics = RolloutMetrics()
+    follower = WeightsFollower(
+        client, KEYS, base_model_dir=write_base_model(tmp_path / "base"), out_dir=tmp_path / "weights",
+        current_version=0, fetch_timeout_s=5, retry_base_s=0.05, retry_max_s=0.2, chunk_bytes=1024,
+        max_message_bytes=64 << 20, metrics=metrics,
+    )  # fmt: skip
+    task = asyncio.create_task(follower.run())
+    try:
+        await wait_until(lambda: follower.total_failures >= 2, what="failed fetches from the old address")
+        await streams.append(client, KEYS.weights, new.notice(RUN, 1))
+        assert await follower.wait_for_version(1, timeout_s=30), follower.last_error
+        assert new.fetches == [1] and follower.target.endpoint == new.endpoint
+        assert follower.take_ready().version == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await new.stop()
 
 
 async def test_a_batch_waits_for_the_version_its_jobs_require_and_is_sampled_under_it(client, redis_url, tmp_path):
