@@ -164,4 +164,6 @@ class RestComputer:
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # wait: the worker must be gone when the service stops (a stopped service leaves no process
+            # behind); queued bodies are cancelled, one being computed finishes (seconds at most).
+            pool.shutdown(wait=True, cancel_futures=True)
