@@ -15,7 +15,7 @@ from aisrl.core.ais import compute_coefficient
 from aisrl.core.types import CoefficientResult, CorrectionConfig, MismatchArrays
 from aisrl.services.diagnostics.history import History
 from aisrl.services.diagnostics.metrics import DiagnosticsMetrics
-from aisrl.wire.coefficient import result_fields
+from aisrl.wire.coefficient import LEARNER_SIGNALS, result_fields
 
 
 class CoefficientService:
@@ -57,8 +57,11 @@ class CoefficientService:
         config: CorrectionConfig,
         dry_run: bool = False,
         still_wanted: Any = None,
+        signals: dict[str, float | int | None] | None = None,
     ) -> dict[str, Any]:
         """Computes with the run's EMA state and records the batch unless dry_run.
+
+        signals: what the learner measured (wire.coefficient.LEARNER_SIGNALS), recorded as given (None: null).
 
         still_wanted, when given, is called before recording; if it returns False (the caller
         gave up, e.g. its deadline passed) nothing is recorded.
@@ -74,6 +77,7 @@ class CoefficientService:
             "compute_ms": compute_ms,
             "computed_locally": False,
             "config": config.model_dump(mode="json"),
+            **{name: (signals or {}).get(name) for name in LEARNER_SIGNALS},
         }
         if dry_run or (still_wanted is not None and not still_wanted()):
             return record
