@@ -61,7 +61,7 @@ CHARTS: tuple[dict[str, Any], ...] = (
 SERIES_FIELDS = tuple(dict.fromkeys(name for c in CHARTS if c.get("x") != "eval" for name, _ in c["fields"]))
 EVAL_FIELDS = tuple(dict.fromkeys(name for c in CHARTS if c.get("x") == "eval" for name, _ in c["fields"]))
 # The latest batch's table.
-LATEST_FIELDS = ("alpha", "alpha_ais", "alpha_raw", "reliability", "severity", "penalty", "kl",
+LATEST_FIELDS = ("alpha", "alpha_ais", "alpha_raw", "reward_mean", "reliability", "severity", "penalty", "kl",
                  "variance_amplification", "chi2_token", "frac_truncated", "frac_masked", "frac_vetoed", "frac_opsm",
                  *CORRECTION_STAT_FIELDS)  # fmt: skip
 SIGNALS_NOTE = (
