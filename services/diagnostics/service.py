@@ -2,7 +2,8 @@
 
 Invariant: a batch is validated and computed by the pure core (`aisrl.core.ais`) and is
 recorded only after it computed successfully; a record carries every reported quantity plus
-the config it was computed with, so any recorded number can be recomputed and checked.
+the config it was computed with, so any recorded number can be recomputed and checked, and what
+the learner sent beside the batch (reward, held-out evaluation; null where it sent none).
 """
 
 from __future__ import annotations
