@@ -311,18 +311,38 @@ def severity(kl: float, tau_kl: float) -> float:
     return -math.expm1(-kl / tau_kl)
 
 
+def distinct_digits(value: float, *bounds: float) -> str:
+    """`value` with 3 significant digits, or more when needed to tell it from each differing bound.
+
+    Why: a kl of 0.1004 against a threshold of 0.1 printed as "kl 0.1 > 0.1" with :.3g.
+    """
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if all(value == bound or text != f"{bound:.{digits}g}" for bound in bounds):
+            return text
+    return repr(value)
+
+
 def health_warnings(reliability: float, raw_weight_mean: float, kl: float, chi2_token: float) -> tuple[str, ...]:
-    """verl's health thresholds crossed by a batch, as short sentences (empty when healthy)."""
+    """verl's health thresholds crossed by a batch, as short sentences (empty when healthy).
+
+    Each value is printed with enough digits to differ visibly from the threshold it crossed.
+    """
     warnings = []
     if reliability < WARN_MIN_RELIABILITY:
-        warnings.append(f"ESS/N {reliability:.3g} < {WARN_MIN_RELIABILITY}: few tokens carry the weight")
+        rho = distinct_digits(reliability, WARN_MIN_RELIABILITY)
+        warnings.append(f"ESS/N {rho} < {WARN_MIN_RELIABILITY}: few tokens carry the weight")
     low, high = WARN_WEIGHT_MEAN_RANGE
     if not low <= raw_weight_mean <= high:
-        warnings.append(f"mean weight {raw_weight_mean:.3g} outside [{low}, {high}]: policies far apart")
+        mean = distinct_digits(raw_weight_mean, low, high)
+        warnings.append(f"mean weight {mean} outside [{low}, {high}]: policies far apart")
     if abs(kl) > WARN_MAX_KL:
-        warnings.append(f"kl {kl:.3g} > {WARN_MAX_KL}: strong rollout/training mismatch")
+        warnings.append(
+            f"kl {distinct_digits(kl, WARN_MAX_KL, -WARN_MAX_KL)} > {WARN_MAX_KL}: strong rollout/training mismatch"
+        )
     if chi2_token > WARN_MAX_CHI2_TOKEN:
-        warnings.append(f"chi2_token {chi2_token:.3g} > {WARN_MAX_CHI2_TOKEN}: heavy-tailed token weights")
+        chi2 = distinct_digits(chi2_token, WARN_MAX_CHI2_TOKEN)
+        warnings.append(f"chi2_token {chi2} > {WARN_MAX_CHI2_TOKEN}: heavy-tailed token weights")
     return tuple(warnings)
 
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class MismatchBatch(_message.Message):
-    __slots__ = ("run_id", "step", "policy_version", "lp_pi", "lp_mu", "lengths", "advantages", "config", "dry_run")
+    __slots__ = ("run_id", "step", "policy_version", "lp_pi", "lp_mu", "lengths", "advantages", "config", "dry_run", "reward_mean", "eval_step", "accuracy_greedy", "accuracy_sampled")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,10 @@ class MismatchBatch(_message.Message):
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
+    EVAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_GREEDY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     policy_version: int
@@ -27,7 +31,11 @@ class MismatchBatch(_message.Message):
     advantages: _containers.RepeatedScalarFieldContainer[float]
     config: _common_pb2.CorrectionConfig
     dry_run: bool
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., lp_pi: _Optional[bytes] = ..., lp_mu: _Optional[bytes] = ..., lengths: _Optional[_Iterable[int]] = ..., advantages: _Optional[_Iterable[float]] = ..., config: _Optional[_Union[_common_pb2.CorrectionConfig, _Mapping]] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    reward_mean: float
+    eval_step: int
+    accuracy_greedy: float
+    accuracy_sampled: float
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., policy_version: _Optional[int] = ..., lp_pi: _Optional[bytes] = ..., lp_mu: _Optional[bytes] = ..., lengths: _Optional[_Iterable[int]] = ..., advantages: _Optional[_Iterable[float]] = ..., config: _Optional[_Union[_common_pb2.CorrectionConfig, _Mapping]] = ..., dry_run: _Optional[bool] = ..., reward_mean: _Optional[float] = ..., eval_step: _Optional[int] = ..., accuracy_greedy: _Optional[float] = ..., accuracy_sampled: _Optional[float] = ...) -> None: ...
 
 class WeightStats(_message.Message):
     __slots__ = ("reliability", "ess", "variance_amplification", "penalty", "weight_mean", "weight_min", "weight_max")

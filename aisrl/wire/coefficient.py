@@ -9,6 +9,8 @@ to float64 block by block as it computes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict
 from enum import StrEnum
 from typing import Any
@@ -107,6 +109,32 @@ def batch_from_pb(pb: diagnostics_pb2.MismatchBatch) -> MismatchArrays:
     )
 
 
+# What the learner measured, sent beside a batch (MismatchBatch's optional fields of these names) and recorded
+# with it; None where not measured (a step without evaluation, or an older learner).
+LEARNER_SIGNALS = ("reward_mean", "eval_step", "accuracy_greedy", "accuracy_sampled")
+_ACCURACIES = ("accuracy_greedy", "accuracy_sampled")
+
+
+def signals_from_pb(pb: diagnostics_pb2.MismatchBatch) -> dict[str, float | int | None]:
+    """The learner's signals of a batch, every name of LEARNER_SIGNALS present (None: unset), checked."""
+    signals = {name: getattr(pb, name) if pb.HasField(name) else None for name in LEARNER_SIGNALS}
+    reward = signals["reward_mean"]
+    if reward is not None and not math.isfinite(reward):
+        raise BatchValidationError("reward_mean", f"must be finite, got {reward}")
+    for name in _ACCURACIES:
+        value = signals[name]
+        if value is not None and not 0.0 <= value <= 1.0:  # also refuses NaN
+            raise BatchValidationError(name, f"must be a share in [0, 1], got {value}")
+        if value is not None and signals["eval_step"] is None:
+            raise BatchValidationError(name, "given without eval_step")
+    if signals["eval_step"] is not None:
+        if signals["accuracy_greedy"] is None:
+            raise BatchValidationError("eval_step", "given without accuracy_greedy")
+        if signals["eval_step"] > pb.step:
+            raise BatchValidationError("eval_step", f"{signals['eval_step']} is after the batch's step {pb.step}")
+    return signals
+
+
 def batch_to_pb(
     arrays: MismatchArrays,
     config: CorrectionConfig,
@@ -114,8 +142,10 @@ def batch_to_pb(
     step: int = 0,
     policy_version: int = 0,
     dry_run: bool = False,
+    signals: Mapping[str, float | int | None] | None = None,
 ) -> diagnostics_pb2.MismatchBatch:
-    return diagnostics_pb2.MismatchBatch(
+    """The batch message; `signals` (names of LEARNER_SIGNALS) are set where not None."""
+    pb = diagnostics_pb2.MismatchBatch(
         run_id=run_id,
         step=step,
         policy_version=policy_version,
@@ -126,6 +156,12 @@ def batch_to_pb(
         config=config_to_pb(config),
         dry_run=dry_run,
     )
+    for name, value in (signals or {}).items():
+        if name not in LEARNER_SIGNALS:
+            raise ValueError(f"unknown learner signal {name!r} (known: {', '.join(LEARNER_SIGNALS)})")
+        if value is not None:
+            setattr(pb, name, value)
+    return pb
 
 
 def _varint(value: int) -> bytes:
@@ -153,6 +189,7 @@ def encode_batch(
     step: int = 0,
     policy_version: int = 0,
     dry_run: bool = False,
+    signals: Mapping[str, float | int | None] | None = None,
 ) -> bytes:
     """The serialized MismatchBatch of batch_to_pb, byte for byte a valid encoding of the same message.
 
@@ -162,7 +199,7 @@ def encode_batch(
     and the two arrays appended as they are (one copy, in the join).
     """
     small = batch_to_pb(MismatchArrays(np.empty(0), np.empty(0), arrays.lengths, arrays.advantages), config, run_id,
-                        step, policy_version, dry_run)  # fmt: skip
+                        step, policy_version, dry_run, signals)  # fmt: skip
     lp_pi = np.ascontiguousarray(arrays.lp_pi, dtype="<f4").tobytes()
     lp_mu = np.ascontiguousarray(arrays.lp_mu, dtype="<f4").tobytes()
     return b"".join([small.SerializeToString(), *_bytes_field(_LP_PI, lp_pi), *_bytes_field(_LP_MU, lp_mu)])
@@ -200,7 +237,7 @@ def result_fields(result: CoefficientResult) -> dict[str, Any]:
     }
 
 
-_RECORD_ONLY = ("reliability", "ess", "variance_amplification", "penalty", "config")
+_RECORD_ONLY = ("reliability", "ess", "variance_amplification", "penalty", "config", *LEARNER_SIGNALS)
 
 
 def record_to_pb(record: dict[str, Any]) -> diagnostics_pb2.CoefficientResult:

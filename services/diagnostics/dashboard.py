@@ -32,12 +32,17 @@ REFRESH_S = 5
 RELIABILITY_THRESHOLD = 0.3
 KL_THRESHOLD = 0.1
 
-# Charts: id, title, [(record field, legend label)], y axis ("linear", "log"), fixed y range, health threshold.
+# Charts: id, title, [(record field, legend label)], y axis ("linear", "log"), fixed y range, health threshold; a point
+# per drawn batch, or with "x": "eval" a point per held-out evaluation (series' eval_steps and evaluations).
 # The first draws the alpha the loss applied and the shadow alpha (what ais mode would use), so a none/tis/mis run
 # still shows what AIS would have done.
 CHARTS: tuple[dict[str, Any], ...] = (
     {"id": "alpha", "title": "alpha: applied and shadow", "axis": "linear", "range": [0, 1], "threshold": None,
      "fields": [["alpha", "applied alpha"], ["alpha_ais", "shadow alpha (ais)"]]},
+    {"id": "reward", "title": "mean training reward of the batch", "axis": "linear", "range": None, "threshold": None,
+     "fields": [["reward_mean", "reward"]]},
+    {"id": "accuracy", "title": "held-out accuracy (at evaluation steps)", "axis": "linear", "range": [0, 1],
+     "threshold": None, "x": "eval", "fields": [["accuracy_greedy", "greedy"], ["accuracy_sampled", "sampled"]]},
     {"id": "rho", "title": "rho = ESS/N (weight reliability)", "axis": "linear", "range": [0, 1],
      "threshold": RELIABILITY_THRESHOLD, "fields": [["reliability", "rho"]]},
     {"id": "s", "title": "s (divergence severity)", "axis": "linear", "range": [0, 1], "threshold": None,
@@ -53,15 +58,17 @@ CHARTS: tuple[dict[str, Any], ...] = (
     {"id": "weight_std", "title": "loss weights' std (kept tokens)", "axis": "linear", "range": None,
      "threshold": None, "fields": [["weight_std", "std of loss weights"]]},
 )  # fmt: skip
-SERIES_FIELDS = tuple(dict.fromkeys(name for chart in CHARTS for name, _ in chart["fields"]))
+SERIES_FIELDS = tuple(dict.fromkeys(name for c in CHARTS if c.get("x") != "eval" for name, _ in c["fields"]))
+EVAL_FIELDS = tuple(dict.fromkeys(name for c in CHARTS if c.get("x") == "eval" for name, _ in c["fields"]))
 # The latest batch's table.
-LATEST_FIELDS = ("alpha", "alpha_ais", "alpha_raw", "reliability", "severity", "penalty", "kl",
+LATEST_FIELDS = ("alpha", "alpha_ais", "alpha_raw", "reward_mean", "reliability", "severity", "penalty", "kl",
                  "variance_amplification", "chi2_token", "frac_truncated", "frac_masked", "frac_vetoed", "frac_opsm",
                  *CORRECTION_STAT_FIELDS)  # fmt: skip
-NOT_RECORDED = (
-    "Reward and held-out accuracy are not charted here: the learner does not send them to this service (it exports "
-    "them as aisrl_learner_reward_mean and aisrl_learner_accuracy on its own /metrics, and `aisrl up` plots them in "
-    "the run report). Token entropy is not shown either: rollouts do not report it."
+SIGNALS_NOTE = (
+    "Reward is the mean training reward of each batch; held-out accuracy has a point per learner evaluation, at the "
+    "step it ran after (the learner sends it with its next batch, so the newest evaluation appears one batch later). "
+    "Batches recorded without them (an older learner) leave gaps. Token entropy is not shown: rollouts do not "
+    "report it."
 )
 
 _STYLE = (
@@ -96,6 +103,7 @@ def series_payload(
     record. `total` is how many batches the run holds (records may be only the newest of them)."""
     indices, stride = downsample_indices(len(records), max_points)
     chosen = [records[i] for i in indices]
+    evaluated = [r for r in records if r.get("eval_step") is not None]  # sparse: all of them, never downsampled
     return {
         "run_id": run_id,
         "total": total,
@@ -105,6 +113,8 @@ def series_payload(
         "updated_unix": updated_unix,
         "steps": [int(r["step"]) for r in chosen],
         "fields": {name: [_number(r.get(name)) for r in chosen] for name in SERIES_FIELDS},
+        "eval_steps": [int(r["eval_step"]) for r in evaluated],
+        "evaluations": {name: [_number(r.get(name)) for r in evaluated] for name in EVAL_FIELDS},
         "latest": {name: _number(records[-1].get(name)) for name in LATEST_FIELDS} if records else {},
         "latest_step": int(records[-1]["step"]) if records else None,
         "mode": str(records[-1].get("mode")) if records else None,
@@ -166,7 +176,7 @@ def render_dashboard(
         + f"{RELIABILITY_THRESHOLD}, kl &gt; {KL_THRESHOLD}). The shadow alpha is what ais mode would use on the "
         + "same batch, whatever the mode. The x axis is the training step; kl is drawn on a log scale "
         + "(batches with kl = 0 have no point there). "
-        + f"{html.escape(NOT_RECORDED)}</p>"
+        + f"{html.escape(SIGNALS_NOTE)}</p>"
         + f'<div class="grid">{charts}</div>'
         + '<h2 id="latest-title">Latest batch</h2><table id="latest"></table><div id="warnings"></div>'
         + f'<script type="application/json" id="dashboard-config">{data}</script>'

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection as grpc_reflection
 from aisrl.core.types import BatchValidationError
 from aisrl.services.diagnostics.service import CoefficientService
 from aisrl.v1 import diagnostics_pb2, diagnostics_pb2_grpc
-from aisrl.wire.coefficient import batch_from_pb, config_from_pb, record_from_pb, record_to_pb
+from aisrl.wire.coefficient import batch_from_pb, config_from_pb, record_from_pb, record_to_pb, signals_from_pb
 
 SERVICE_NAME = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name
 
@@ -35,6 +35,7 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
         try:
             config = config_from_pb(request.config)
             arrays = batch_from_pb(request)
+            signals = signals_from_pb(request)
 
             def still_wanted() -> bool:
                 remaining = context.time_remaining()
@@ -48,6 +49,7 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
                 config,
                 dry_run=request.dry_run,
                 still_wanted=still_wanted,
+                signals=signals,
             )
         except BatchValidationError as exc:
             self._count("ComputeCoefficient", grpc.StatusCode.INVALID_ARGUMENT)

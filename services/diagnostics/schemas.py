@@ -109,6 +109,16 @@ class BatchRecordOut(CoefficientOut):  # type: ignore[valid-type,misc]
     computed_unix: float
     computed_locally: bool
     config: dict[str, Any]
+    # What the learner sent with the batch; null when it did not (no evaluation at this step, an older learner,
+    # or a record written before these fields existed).
+    reward_mean: float | None = Field(None, description="Mean training reward of the batch's completions.")
+    eval_step: int | None = Field(
+        None, description="Step after which the learner ran the held-out evaluation reported here (null: none)."
+    )
+    accuracy_greedy: float | None = Field(None, description="Held-out accuracy, greedy decoding (share solved).")
+    accuracy_sampled: float | None = Field(
+        None, description="Held-out accuracy, sampled at the eval temperature (share of samples that solve)."
+    )
 
 
 class RunOut(BaseModel):
@@ -137,6 +147,12 @@ class SeriesOut(BaseModel):
     updated_unix: float | None
     steps: list[int]
     fields: dict[str, list[float | None]] = Field(description="Per charted field, one value per step (null: none).")
+    eval_steps: list[int] = Field(
+        description="Steps of the held-out evaluations among the loaded batches (every one: never downsampled)."
+    )
+    evaluations: dict[str, list[float | None]] = Field(
+        description="accuracy_greedy and accuracy_sampled, one value per eval step (null: not measured)."
+    )
     latest: dict[str, float | None] = Field(description="The latest batch's tabled fields.")
     latest_step: int | None
     mode: str | None

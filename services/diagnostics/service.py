@@ -2,7 +2,8 @@
 
 Invariant: a batch is validated and computed by the pure core (`aisrl.core.ais`) and is
 recorded only after it computed successfully; a record carries every reported quantity plus
-the config it was computed with, so any recorded number can be recomputed and checked.
+the config it was computed with, so any recorded number can be recomputed and checked, and what
+the learner sent beside the batch (reward, held-out evaluation; null where it sent none).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from aisrl.core.ais import compute_coefficient
 from aisrl.core.types import CoefficientResult, CorrectionConfig, MismatchArrays
 from aisrl.services.diagnostics.history import History
 from aisrl.services.diagnostics.metrics import DiagnosticsMetrics
-from aisrl.wire.coefficient import result_fields
+from aisrl.wire.coefficient import LEARNER_SIGNALS, result_fields
 
 
 class CoefficientService:
@@ -71,8 +72,11 @@ class CoefficientService:
         config: CorrectionConfig,
         dry_run: bool = False,
         still_wanted: Any = None,
+        signals: dict[str, float | int | None] | None = None,
     ) -> dict[str, Any]:
         """Computes with the run's EMA state and records the batch unless dry_run.
+
+        signals: what the learner measured (wire.coefficient.LEARNER_SIGNALS), recorded as given (None: null).
 
         still_wanted, when given, is called before recording; if it returns False (the caller
         gave up, e.g. its deadline passed) nothing is recorded.
@@ -88,6 +92,7 @@ class CoefficientService:
             "compute_ms": compute_ms,
             "computed_locally": False,
             "config": config.model_dump(mode="json"),
+            **{name: (signals or {}).get(name) for name in LEARNER_SIGNALS},
         }
         if dry_run or (still_wanted is not None and not still_wanted()):
             return record

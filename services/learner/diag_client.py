@@ -122,13 +122,24 @@ class DiagnosticsClient:
             result = compute_coefficient(arrays, self.config, prev_ema)
         return result, (time.perf_counter() - started) * 1e3
 
-    async def coefficient(self, arrays: MismatchArrays, step: int, version: int, prev_ema: float | None) -> Coefficient:
-        """The coefficient of one batch (module invariants). Invalid batches raise BatchValidationError."""
+    async def coefficient(
+        self,
+        arrays: MismatchArrays,
+        step: int,
+        version: int,
+        prev_ema: float | None,
+        signals: dict[str, float | int | None] | None = None,
+    ) -> Coefficient:
+        """The coefficient of one batch (module invariants). Invalid batches raise BatchValidationError.
+
+        signals: what the learner measured (wire.coefficient.LEARNER_SIGNALS), sent for the service to record.
+        """
         local, compute_ms = await self._local(arrays, prev_ema)  # validates, and gives the masks
         n_kept = int(np.count_nonzero(local.token_keep))
         reason = "no_service"
         if self.target:
-            request = encode_batch(arrays, self.config, run_id=self.run_id, step=step, policy_version=version)
+            request = encode_batch(arrays, self.config, run_id=self.run_id, step=step, policy_version=version,
+                                   signals=signals)  # fmt: skip
             try:
                 answer = await self._compute()(request, timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:

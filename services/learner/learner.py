@@ -164,6 +164,9 @@ class Learner:
         self.resumed_from: int | None = None
         self.last_record: StepRecord | None = None
         self.last_eval: EvalResult | None = None
+        # (step, result) of the latest evaluation the diagnostics service has not recorded yet: it travels with
+        # the next batch (the evaluation runs after the step's batch was sent)
+        self.unsent_eval: tuple[int, EvalResult] | None = None
         self.ready = False
         self._started = False  # start() completed: only then does close() checkpoint
         self._in_step = False  # a step is between taking its batch and recording its update
@@ -301,7 +304,10 @@ class Learner:
         groups = batch.groups
         prepared = await asyncio.to_thread(self.trainer.prepare, groups)
         lap("prepare")
-        coef = await self.diagnostics.coefficient(prepared.arrays, self.step + 1, self.version, self.prev_ema)
+        signals = self._signals(prepared)
+        coef = await self.diagnostics.coefficient(prepared.arrays, self.step + 1, self.version, self.prev_ema, signals)
+        if not coef.computed_locally:  # the service recorded it; else it goes with the next batch again
+            self.unsent_eval = None
         lap("diagnostics")
         stats = None
         if coef.n_kept > 0:
@@ -327,6 +333,15 @@ class Learner:
         if self.evaluator is not None and self.step % self.settings.eval_every == 0:
             await self.evaluate()
         return record
+
+    def _signals(self, prepared) -> dict[str, float | int | None]:
+        """What the diagnostics service records beside the batch's coefficient (wire.coefficient.LEARNER_SIGNALS)."""
+        signals: dict[str, float | int | None] = {"reward_mean": float(np.mean(prepared.rewards))}
+        if self.unsent_eval is not None:
+            step, result = self.unsent_eval
+            signals |= {"eval_step": step, "accuracy_greedy": result.greedy_accuracy,
+                        "accuracy_sampled": result.sampled_accuracy}  # fmt: skip
+        return signals
 
     def _record(self, batch, prepared, coef, stats, t: dict[str, float]) -> StepRecord:
         tokens = prepared.n_tokens
@@ -417,6 +432,7 @@ class Learner:
     async def evaluate(self) -> EvalResult:
         result = await asyncio.to_thread(self.evaluator.run, self.trainer.model, self.step)
         self.last_eval = result
+        self.unsent_eval = (self.step, result)
         self.metrics.accuracy.labels(kind="greedy").set(result.greedy_accuracy)
         if result.sampled_accuracy is not None:
             self.metrics.accuracy.labels(kind="sampled").set(result.sampled_accuracy)

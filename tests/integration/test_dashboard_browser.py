@@ -1,8 +1,9 @@
 """The dashboard in a real browser: Debian's chromium driven through chromium-driver (Selenium).
 
 It loads the page of a run with recorded batches (another run overlaid), checks that every chart
-draws one marker per batch, that the kl axis is logarithmic, that hovering a point shows its value,
-that the page refreshes itself when a batch is recorded, and saves a screenshot under tmp_path.
+draws one marker per batch (the held-out accuracy chart one per evaluation), that the kl axis is
+logarithmic, that hovering a point shows its value, that the page refreshes itself when a batch
+is recorded, and saves a screenshot under tmp_path.
 Without chromium and chromedriver the test is skipped with a reason that says how to install them
 (and fails under CI, whose .ci/run installs them).
 """
@@ -72,12 +73,21 @@ def diagnostics(redis_server):
         process.wait(timeout=30)
 
 
+def signals(step: int) -> dict[str, float | int | None]:
+    """What a learner sends: a reward with every batch, and an evaluation every 3 steps (with the next batch)."""
+    out: dict[str, float | int | None] = {"reward_mean": 0.1 + 0.05 * step}
+    if step % 3 == 0 and step > 0:
+        out |= {"eval_step": step - 1, "accuracy_greedy": 0.1 * step, "accuracy_sampled": 0.05 * step}
+    return out
+
+
 def record(target: str, run_id: str, steps: range) -> None:
     with grpc.insecure_channel(target) as channel:
         stub = diagnostics_pb2_grpc.DiagnosticsStub(channel)
         for step in steps:
             batch = synthetic_batch(n_sequences=8, mean_length=8, mismatch=0.02 * (step + 1), seed=step)
-            stub.ComputeCoefficient(batch_to_pb(batch, CorrectionConfig(), run_id=run_id, step=step), timeout=10)
+            message = batch_to_pb(batch, CorrectionConfig(), run_id=run_id, step=step, signals=signals(step))
+            stub.ComputeCoefficient(message, timeout=10)
 
 
 @pytest.fixture
@@ -120,9 +130,15 @@ def test_dashboard_renders_every_chart_hover_values_and_live_refresh(diagnostics
     wait.until(lambda d: int(d.execute_script("return document.body.dataset.rendered || 0")) >= 1)
 
     for chart in CHARTS:  # run a's traces have 7 markers, run b's 4; fields without values draw no trace
+        if chart.get("x") == "eval":
+            continue
         counts = _markers(browser, chart["id"])
         assert counts and sorted(set(counts)) in ([4, 7], [7]), (chart["id"], counts)
     assert _markers(browser, "alpha") == [7, 7, 4, 4]  # applied and shadow alpha of each run
+    assert _markers(browser, "reward") == [7, 4]
+    # evaluations: run a's after steps 2 and 5 (sent with 3 and 6), run b's after step 2; greedy and sampled each
+    assert _markers(browser, "accuracy") == [2, 2, 1, 1]
+    assert "browser-a: sampled" in browser.find_element(By.ID, "chart-accuracy").text
     assert browser.execute_script("return document.getElementById('chart-kl')._fullLayout.yaxis.type") == "log"
     assert "browser-b: rho" in browser.find_element(By.ID, "chart-rho").text
 
@@ -134,6 +150,13 @@ def test_dashboard_renders_every_chart_hover_values_and_live_refresh(diagnostics
     match = re.search(r"rho ([0-9.eE+-]+)", shown)
     assert match and float(match.group(1)) == pytest.approx(series["fields"]["reliability"][3], rel=1e-3), shown
     assert "step 3" in shown
+
+    # the accuracy chart's points sit at the evaluation steps, and hovering one shows its value
+    point = browser.find_elements(By.CSS_SELECTOR, "#chart-accuracy .scatterlayer .trace:first-child .points path")[1]
+    ActionChains(browser).move_to_element(point).perform()
+    hover = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-accuracy .hoverlayer .hovertext"))
+    match = re.search(r"greedy ([0-9.eE+-]+)", hover[0].text)
+    assert match and float(match.group(1)) == pytest.approx(0.6) and "step 5" in hover[0].text, hover[0].text
 
     before = int(browser.execute_script("return document.body.dataset.rendered"))
     record(grpc_target, "browser-a", range(7, 8))  # the run goes on: the open page picks the batch up

@@ -15,11 +15,13 @@ import pytest
 from aisrl.core.ais import arrays_from_ragged, compute_coefficient
 from aisrl.core.synthetic import synthetic_batch
 from aisrl.core.types import CORRECTION_STAT_FIELDS, CorrectionConfig, CorrectionMode, WeightLevel
+from aisrl.redis_conn import async_client
 from aisrl.services.diagnostics.config import DiagnosticsSettings
 from aisrl.services.diagnostics.dashboard import CHARTS
+from aisrl.services.diagnostics.history import History
 from aisrl.services.diagnostics.main import start_diagnostics
 from aisrl.v1 import diagnostics_pb2_grpc
-from aisrl.wire.coefficient import batch_to_pb
+from aisrl.wire.coefficient import LEARNER_SIGNALS, batch_to_pb
 from tests.correction_cases import CORRECTION_CASES
 
 
@@ -344,3 +346,44 @@ async def test_grpc_reflection_can_be_turned_off(redis_url):
         assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await running.stop()
+
+
+async def test_learner_signals_are_recorded_and_served_with_nulls_where_absent(service, http, redis_url):
+    """A batch with the learner's reward and an evaluation, one with only a reward, one without any, and a record
+    written before the fields existed: REST serves each, absent values as null (never 0)."""
+    signals = {
+        1: {"reward_mean": 0.0},  # a zero reward is a value, not an absence
+        2: {"reward_mean": 0.625, "eval_step": 1, "accuracy_greedy": 0.5, "accuracy_sampled": 0.375},
+        3: None,
+    }
+    async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+        stub = diagnostics_pb2_grpc.DiagnosticsStub(channel)
+        for step, sent in signals.items():
+            batch = batch_to_pb(synthetic_batch(seed=step), CorrectionConfig(), run_id="sig", step=step, signals=sent)
+            await stub.ComputeCoefficient(batch, timeout=10)
+        bad = batch_to_pb(synthetic_batch(seed=9), CorrectionConfig(), run_id="sig", step=9,
+                          signals={"eval_step": 8, "accuracy_greedy": 2.0})  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ComputeCoefficient(bad, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "accuracy_greedy" in err.value.details()
+    # A record as an older service wrote it (no signal keys at all) sits in the same history.
+    old = (await http.get("/v1/runs/sig/batches/3")).json()
+    old = {k: v for k, v in old.items() if k not in LEARNER_SIGNALS} | {"step": 0}
+    client = async_client(redis_url)
+    try:
+        await History(client, prefix=DiagnosticsSettings().key_prefix).record("sig", old)
+    finally:
+        await client.aclose()
+
+    batches = {b["step"]: b for b in (await http.get("/v1/runs/sig/batches")).json()["batches"]}
+    assert sorted(batches) == [0, 1, 2, 3] and 9 not in batches  # the invalid batch was not recorded
+    for step in (0, 3):
+        assert all(batches[step][name] is None for name in LEARNER_SIGNALS), batches[step]
+    assert batches[1]["reward_mean"] == 0.0 and batches[1]["eval_step"] is None
+    assert {name: batches[2][name] for name in LEARNER_SIGNALS} == signals[2]
+    assert (await http.get("/v1/runs/sig/coefficient")).json()["accuracy_sampled"] is None  # step 3: none sent
+
+    series = (await http.get("/v1/runs/sig/series")).json()
+    assert series["steps"] == [0, 1, 2, 3] and series["fields"]["reward_mean"] == [None, 0.0, 0.625, None]
+    assert series["eval_steps"] == [1]
+    assert series["evaluations"] == {"accuracy_greedy": [0.5], "accuracy_sampled": [0.375]}

@@ -10,10 +10,11 @@ import asyncio
 import socket
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import torch
-from learner_support import learner_settings, make_group, put_groups, tiny_model, toy_source
+from learner_support import ToyTask, learner_settings, make_group, put_groups, tiny_model, toy_source
 
 from aisrl.core.ais import compute_coefficient
 from aisrl.redis_conn import free_port
@@ -34,9 +35,9 @@ async def _start_diagnostics(redis_url, grpc_port=0):
     )
 
 
-async def _learner(tmp_path, redis_url, **overrides) -> Learner:
+async def _learner(tmp_path, redis_url, task=None, **overrides) -> Learner:
     model = tiny_model(tmp_path / "model")
-    learner = Learner(learner_settings(tmp_path, redis_url, model, **overrides), redis_url, task=object(),
+    learner = Learner(learner_settings(tmp_path, redis_url, model, **overrides), redis_url, task=task or object(),
                       problem_source=toy_source)  # fmt: skip
     await learner.start()
     return learner
@@ -132,6 +133,40 @@ async def test_diagnostics_timeout_falls_back_locally_and_resumes_with_the_servi
         await learner.close()
         if diagnostics is not None:
             await diagnostics.stop()
+
+
+async def test_the_learner_sends_its_reward_and_held_out_accuracy_to_the_service(tmp_path, redis_url):
+    """Reward with every batch; an evaluation (run after step 2) with the next batch, recorded by the service,
+    and re-sent when the service missed a step (the learner then computed alpha locally)."""
+    diagnostics = await _start_diagnostics(redis_url)
+    learner = await _learner(tmp_path, redis_url, task=ToyTask(), diagnostics_target=diagnostics.grpc_target,
+                             batch_size=2, max_staleness=4, eval_every=2, eval_size=3, eval_samples=2)  # fmt: skip
+    try:
+        await put_groups(learner.client, learner.streams, _mismatched_groups(learner, 8, seed=40))
+        records = [await learner.step_once() for _ in range(2)]
+        evaluation = learner.last_eval
+        assert evaluation is not None and learner.unsent_eval == (2, evaluation)
+        port = diagnostics.grpc_port
+        await diagnostics.stop()  # the service is down: step 3 is computed locally
+        records.append(await learner.step_once())
+        assert records[2].computed_locally and learner.unsent_eval == (2, evaluation)  # kept for the next batch
+        diagnostics = await _start_diagnostics(redis_url, grpc_port=port)  # the same history (Redis)
+        records.append(await learner.step_once())
+        assert not records[3].computed_locally and learner.unsent_eval == (4, learner.last_eval)  # step 4's own
+
+        async with httpx.AsyncClient(base_url=diagnostics.http_url, timeout=10) as http:
+            batches = {b["step"]: b for b in (await http.get("/v1/runs/t/batches")).json()["batches"]}
+        assert sorted(batches) == [1, 2, 4]  # step 3 never reached the service
+        for record in records:
+            if record.step in batches:
+                assert batches[record.step]["reward_mean"] == pytest.approx(record.reward_mean, rel=1e-12)
+        assert [batches[s]["eval_step"] for s in (1, 2)] == [None, None]
+        assert batches[4]["eval_step"] == 2
+        assert batches[4]["accuracy_greedy"] == evaluation.greedy_accuracy
+        assert batches[4]["accuracy_sampled"] == evaluation.sampled_accuracy is not None
+    finally:
+        await learner.close()
+        await diagnostics.stop()
 
 
 async def test_every_token_masked_skips_the_step(tmp_path, redis_url):

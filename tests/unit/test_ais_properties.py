@@ -15,6 +15,8 @@ from aisrl.core.ais import (
     arrays_from_ragged,
     carried_weights,
     compute_coefficient,
+    distinct_digits,
+    health_warnings,
     log_ratios,
     validate_batch,
     weight_stats,
@@ -366,3 +368,25 @@ def test_float32_inputs_are_computed_in_float64():
         CorrectionConfig(),
     )
     assert got.token_coef.dtype == np.float64 and got.alpha == want.alpha and got.kl == want.kl
+
+
+@pytest.mark.parametrize(
+    ("reliability", "weight_mean", "kl", "chi2", "expected"),
+    [
+        (0.5, 1.0, 0.1004, 0.0, "kl 0.1004 > 0.1:"),
+        (0.5, 1.0, 0.10000001, 0.0, "kl 0.10000001 > 0.1:"),
+        (0.5, 1.0, 0.2345678, 0.0, "kl 0.235 > 0.1:"),
+        (0.2999, 1.0, 0.0, 0.0, "ESS/N 0.2999 < 0.3:"),
+        (0.5, 2.0004, 0.0, 0.0, "mean weight 2.0004 outside [0.5, 2.0]:"),
+        (0.5, 1.0, 0.0, 1.00049, "chi2_token 1.0005 > 1.0:"),
+    ],
+)
+def test_health_warnings_print_values_that_differ_from_their_thresholds(reliability, weight_mean, kl, chi2, expected):
+    (warning,) = health_warnings(reliability, weight_mean, kl, chi2)
+    assert warning.startswith(expected), warning
+
+
+def test_distinct_digits_keeps_three_digits_unless_more_are_needed():
+    assert distinct_digits(0.123456, 0.1) == "0.123"
+    assert distinct_digits(0.1, 0.1) == "0.1"  # equal to the bound: nothing to tell apart
+    assert distinct_digits(-0.10001, 0.1, -0.1) == "-0.10001"

@@ -18,12 +18,15 @@ from aisrl.core.types import (
 from aisrl.protogen import REPO_ROOT, generate
 from aisrl.v1 import common_pb2, diagnostics_pb2, rollout_pb2, weights_pb2
 from aisrl.wire.coefficient import (
+    LEARNER_SIGNALS,
     batch_from_pb,
     batch_to_pb,
     config_from_pb,
     config_to_pb,
+    encode_batch,
     record_from_pb,
     record_to_pb,
+    signals_from_pb,
 )
 from tests.correction_cases import CORRECTION_CASES
 
@@ -166,7 +169,12 @@ def test_coefficient_record_round_trips():
         "raw": {"reliability": 0.7, "ess": 7.0, "variance_amplification": 1.5, "penalty": 1 / 1.5,
                 "weight_mean": 1.1, "weight_min": 0.5, "weight_max": 3.0},
     }  # fmt: skip
-    decoded = record_from_pb(diagnostics_pb2.CoefficientResult.FromString(record_to_pb(record).SerializeToString()))
+    # the learner's signals are recorded beside the result but are not part of the gRPC answer
+    signals = {"reward_mean": 0.5, "eval_step": 2, "accuracy_greedy": 0.25, "accuracy_sampled": None}
+    decoded = record_from_pb(
+        diagnostics_pb2.CoefficientResult.FromString(record_to_pb(record | signals).SerializeToString())
+    )
+    assert not set(LEARNER_SIGNALS) & set(decoded)
     for key, value in record.items():
         assert decoded[key] == pytest.approx(value) if isinstance(value, float) else decoded[key] == value, key
     assert decoded["reliability"] == record["applied"]["reliability"]
@@ -192,3 +200,64 @@ def test_precision_labels_round_trip_and_old_values_keep_their_meaning():
             )  # fmt: skip
     # A group from a producer that predates the KV field reads as "not reported", never as a dtype.
     assert rollout_pb2.TrajectoryGroup().kv_cache_dtype == common_pb2.KV_CACHE_DTYPE_UNSPECIFIED
+
+
+def _signals_round_trip(signals, step=5):
+    from aisrl.core.synthetic import synthetic_batch
+
+    arrays = synthetic_batch(n_sequences=3, mean_length=4, seed=1)
+    pb = diagnostics_pb2.MismatchBatch.FromString(
+        batch_to_pb(arrays, CorrectionConfig(), step=step, signals=signals).SerializeToString()
+    )
+    encoded = diagnostics_pb2.MismatchBatch.FromString(encode_batch(arrays, CorrectionConfig(), step=step,
+                                                                    signals=signals))  # fmt: skip
+    assert encoded == pb  # the learner's fast encoding carries them too
+    return signals_from_pb(pb)
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [
+        {"reward_mean": 0.375, "eval_step": 4, "accuracy_greedy": 0.5, "accuracy_sampled": 0.25},
+        {"reward_mean": 0.0, "eval_step": 0, "accuracy_greedy": 0.0, "accuracy_sampled": 0.0},  # zero is not unset
+        {"reward_mean": -1.5, "eval_step": 5, "accuracy_greedy": 1.0, "accuracy_sampled": None},  # no samples asked
+        {"reward_mean": 0.5, "eval_step": None, "accuracy_greedy": None, "accuracy_sampled": None},  # no evaluation
+    ],
+)
+def test_learner_signals_round_trip_and_zero_is_not_absent(signals):
+    assert _signals_round_trip(signals) == signals
+
+
+def test_a_batch_without_signals_reads_as_all_absent():
+    assert _signals_round_trip(None) == dict.fromkeys(LEARNER_SIGNALS)
+    assert _signals_round_trip({}) == dict.fromkeys(LEARNER_SIGNALS)
+
+
+@pytest.mark.parametrize(
+    ("signals", "field"),
+    [
+        ({"reward_mean": float("nan")}, "reward_mean"),
+        ({"reward_mean": float("inf")}, "reward_mean"),
+        ({"eval_step": 1, "accuracy_greedy": 1.5}, "accuracy_greedy"),
+        ({"eval_step": 1, "accuracy_greedy": 0.5, "accuracy_sampled": -0.1}, "accuracy_sampled"),
+        ({"eval_step": 1, "accuracy_greedy": float("nan")}, "accuracy_greedy"),
+        ({"accuracy_greedy": 0.5}, "accuracy_greedy"),  # an accuracy without the step it was measured at
+        ({"eval_step": 1}, "eval_step"),  # an evaluation without its greedy accuracy
+        ({"eval_step": 6, "accuracy_greedy": 0.5}, "eval_step"),  # after the batch's step (5)
+    ],
+)
+def test_bad_learner_signals_name_the_field(signals, field):
+    with pytest.raises(BatchValidationError) as err:
+        _signals_round_trip(signals)
+    assert err.value.field == field
+
+
+def test_unknown_learner_signal_is_refused_by_the_sender():
+    with pytest.raises(ValueError, match="reward"):
+        batch_to_pb(*_tiny(), signals={"reward": 1.0})
+
+
+def _tiny():
+    from aisrl.core.synthetic import synthetic_batch
+
+    return synthetic_batch(n_sequences=2, mean_length=3, seed=0), CorrectionConfig()

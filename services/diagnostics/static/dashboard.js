@@ -31,17 +31,19 @@
   function traces(chart, all) {
     const out = [];
     all.forEach((s, r) => {
+      // an "eval" chart has a point per held-out evaluation (at the step it ran after), the others one per batch
+      const x = chart.x === "eval" ? s.eval_steps || [] : s.steps;
       chart.fields.forEach(([name, label], k) => {
-        let y = s.fields[name];
+        let y = (chart.x === "eval" ? s.evaluations || {} : s.fields)[name];
         if (!y || y.every((v) => v === null)) return;
         if (chart.axis === "log") y = y.map((v) => (v !== null && v > 0 ? v : null));
         const shown = all.length > 1 ? s.run_id + ": " + label : label;
         out.push({
-          x: s.steps,
+          x: x,
           y: y,
           name: shown,
           type: "scatter",
-          mode: s.steps.length <= MARKERS_UP_TO ? "lines+markers" : "lines",
+          mode: x.length <= MARKERS_UP_TO || chart.x === "eval" ? "lines+markers" : "lines",
           marker: { size: 4 },
           line: { color: colors[(all.length > 1 ? r : k) % colors.length], dash: dashes[(all.length > 1 ? k : r) % dashes.length], width: 1.6 },
           hovertemplate: label + " %{y:.4g}<br>step %{x}<extra>" + s.run_id.replace(/</g, "&lt;") + "</extra>",
