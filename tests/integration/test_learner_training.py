@@ -156,9 +156,12 @@ async def test_the_learner_sends_its_reward_and_held_out_accuracy_to_the_service
 
         async with httpx.AsyncClient(base_url=diagnostics.http_url, timeout=10) as http:
             batches = {b["step"]: b for b in (await http.get("/v1/runs/t/batches")).json()["batches"]}
-        assert sorted(batches) == [1, 2, 4]  # step 3 never reached the service
+        # step 3 reached the service only as the learner's local record, sent once it answered again
+        # (LocalRecord carries the coefficient, not the reward: its reward point is missing)
+        assert sorted(batches) == [1, 2, 3, 4] and batches[3]["computed_locally"] is True
+        assert batches[3]["reward_mean"] is None
         for record in records:
-            if record.step in batches:
+            if record.step != 3:
                 assert batches[record.step]["reward_mean"] == pytest.approx(record.reward_mean, rel=1e-12)
         assert [batches[s]["eval_step"] for s in (1, 2)] == [None, None]
         assert batches[4]["eval_step"] == 2
