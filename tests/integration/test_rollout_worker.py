@@ -49,13 +49,6 @@ GROUP = "rollout"
 SUPPORT = str(Path(__file__).parent / "rollout_support.py")
 
 
-@pytest.fixture
-async def client(redis_url):
-    c = async_client(redis_url)
-    yield c
-    await c.aclose()
-
-
 def make_settings(redis_url: str, **overrides) -> RolloutSettings:
     values = dict(
         redis_url=redis_url, run_id=RUN, worker_id="w1", batch_size=4, block_ms=50, reclaim_interval_s=0.05,

@@ -7,17 +7,9 @@ import asyncio
 import pytest
 
 from aisrl import streams
-from aisrl.redis_conn import async_client
 from aisrl.v1 import rollout_pb2
 
 G = "workers"
-
-
-@pytest.fixture
-async def client(redis_url):
-    c = async_client(redis_url)
-    yield c
-    await c.aclose()
 
 
 @pytest.fixture
