@@ -26,11 +26,25 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-PRECISION_NOTE = (
-    "On CPU, fp8 rollouts are FP8-emulated (fp8_w8): vLLM's linear weights rounded to the float8 e4m3 grid and "
-    "dequantized as they load. This reproduces the weight-rounding part of the FP8/BF16 mismatch; no FP8 speedup "
-    "is claimed (docs/precision.md)."
-)
+
+def precision_note(services: Mapping[str, Mapping[str, Any]]) -> str:
+    """What the rollouts of this run sampled with, from the rollout processes' own settings (never a constant:
+    a report must not name a precision its samples were not produced with)."""
+    seen = sorted(
+        {
+            (str(cfg.get("engine", "vllm")), str(cfg.get("precision", "bf16")), str(cfg.get("kv_cache_dtype", "auto")))
+            for name, cfg in services.items()
+            if name.startswith("rollout")
+        }
+    )
+    if not seen:
+        return "No rollout process in this report."
+    runs = "; ".join(f"{p} on {e}" + (f", {kv} KV cache" if kv != "auto" else "") for e, p, kv in seen)
+    return (
+        f"Rollouts: {runs}. On the CPU every low-precision scheme (and `fp8`, which is fp8_w8 there) is emulated: "
+        "values rounded to the format and computed in BF16/float32, which reproduces the rounding part of the "
+        "mismatch and gives no speedup; every trajectory group carries the exact label (docs/precision.md)."
+    )
 
 
 def _learner_json(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
@@ -171,7 +185,7 @@ def build_summary(
         "steps_with_local_alpha": sum(r["alpha_computed_locally"] for r in rows),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "dashboard_url": dashboard_url,
-        "precision_note": PRECISION_NOTE,
+        "precision_note": precision_note(services),
         "settings": dict(settings),
         "services": {k: dict(v) for k, v in services.items()},
     }  # fmt: skip

@@ -159,3 +159,17 @@ def test_shadow_alpha_is_reported_and_drawn_beside_the_applied_alpha():
     assert list(lines["shadow alpha (what ais would use)"].get_ydata()) == [r["alpha_ais"] for r in rows]
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "shadow alpha (what ais would use)" in legend and "applied alpha (used by the loss)" in legend
+
+
+def test_the_precision_note_names_what_the_rollouts_ran():
+    from aisrl.cluster.report import precision_note
+
+    services = {
+        "learner": {"correction_mode": "ais"},
+        "rollout-0": {"engine": "vllm", "precision": "nvfp4_w4a4", "kv_cache_dtype": "fp8_e4m3"},
+        "rollout-1": {"engine": "vllm", "precision": "nvfp4_w4a4", "kv_cache_dtype": "fp8_e4m3"},
+    }
+    note = precision_note(services)
+    assert "nvfp4_w4a4 on vllm, fp8_e4m3 KV cache" in note and "fp8_w8" not in note.split(".")[0]
+    assert precision_note({"rollout-0": {}}).startswith("Rollouts: bf16 on vllm.")  # the service's default
+    assert precision_note({"learner": {}}) == "No rollout process in this report."
