@@ -4,7 +4,7 @@ Runs the real learner (embedded Redis, the diagnostics service in this process o
 Weights server) on hand-made trajectory groups of fixed-length random completions (the rollout side
 is not measured here), and prints the median seconds of each phase over the timed steps, tokens
 trained per second, and the publish + fetch time of one weight version as a fraction of the step
-(DESIGN §9: weight sync must not eat the rollout gain). Nothing is asserted.
+(docs/ais.md, "Weight sync is measured": weight sync must not eat the rollout gain). Nothing is asserted.
 """
 
 from __future__ import annotations

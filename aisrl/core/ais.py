@@ -1,4 +1,4 @@
-"""The AIS coefficient and every diagnostic of one mismatch batch (DESIGN §2), as pure numpy.
+"""The AIS coefficient and every diagnostic of one mismatch batch (docs/ais.md), as pure numpy.
 
 Invariant: `compute_coefficient` is a pure function of (batch, config, prev_ema). It either
 raises `BatchValidationError` naming the offending input (nothing is dropped, zeroed or
@@ -114,7 +114,7 @@ __all__ = ["applied_weights", "carried_weights", "log_ratios", "mis_bounds", "se
 # (log 1 = 0) and used as they are; anything larger is an error.
 LOGPROB_TOLERANCE = 1e-6
 
-# verl's rollout-correction health thresholds (DESIGN §9), turned into warnings.
+# verl's rollout-correction health thresholds (docs/ais.md, "Health warnings"), turned into warnings.
 WARN_MIN_RELIABILITY = 0.3
 WARN_WEIGHT_MEAN_RANGE = (0.5, 2.0)
 WARN_MAX_KL = 0.1

@@ -3,7 +3,7 @@
 Invariant: the loss is linear in the per-token coefficient c, which is detached (as are the old
 logprobs and the advantages), so with c = (1 - alpha) + alpha * wt its gradient is exactly
 (1 - alpha) * g_PG + alpha * g_IS, where g_PG is the gradient with c = 1 and g_IS the one with
-c = wt (DESIGN §2). The loss is divided by the PRE-mask token count: a masked token (c = 0)
+c = wt (docs/ais.md). The loss is divided by the PRE-mask token count: a masked token (c = 0)
 drops its own term and leaves the weight of every other token unchanged, so masking never
 up-weights the survivors (the convention of slime and AReaL).
 

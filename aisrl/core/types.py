@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-# delta = lp_pi - lp_mu is clamped to this range before exponentiation (DESIGN §2).
+# delta = lp_pi - lp_mu is clamped to this range before exponentiation (docs/ais.md).
 LOG_RATIO_CLAMP = 20.0
 
 
@@ -74,7 +74,7 @@ class RejectRule(StrEnum):
 
 
 class CorrectionConfig(BaseModel):
-    """Every knob of the correction. Defaults are those of DESIGN §2."""
+    """Every knob of the correction. Defaults are those of docs/ais.md."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False, allow_inf_nan=False)
 

@@ -1,4 +1,4 @@
-"""The importance weights of DESIGN §2 as small pure functions: the readable definitions that the fast,
+"""The importance weights of docs/ais.md as small pure functions: the readable definitions that the fast,
 blocked path of `aisrl.core.ais` must agree with, shared by it, the corrections and the learner.
 
 Invariant: inputs are packed batches (flat per-token arrays, `lengths` per sequence); every function

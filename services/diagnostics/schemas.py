@@ -29,7 +29,7 @@ def _strict_scalars(annotation: Any) -> Any:
 CoefficientConfigIn = create_model(
     "CoefficientConfig",
     __config__=ConfigDict(extra="forbid"),
-    __doc__="Correction config of a stateless call; every field optional, defaults as in DESIGN §2.",
+    __doc__="Correction config of a stateless call; every field optional, defaults as in docs/ais.md.",
     **{
         name: (_strict_scalars(info.annotation), info)
         for name, info in CorrectionConfig.model_fields.items()

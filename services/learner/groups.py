@@ -3,7 +3,7 @@
 Invariant: a group either decodes completely (every sample with its prompt ids, at least one
 completion token, exactly one finite, non-positive rollout logprob per completion token, and a
 finite reward) or raises `InvalidGroup` with a reason; the batcher dead-letters it. Logprobs are
-never repaired or replaced by zeros (DESIGN §9).
+never repaired or replaced by zeros (docs/ais.md, "Broken logits are rejected").
 """
 
 from __future__ import annotations

@@ -312,7 +312,7 @@ class Learner:
         stats = None
         if coef.n_kept > 0:
             stats = await asyncio.to_thread(self.trainer.update, prepared, coef.token_coef)
-        else:  # every token masked: nothing to learn from, and no division by zero (DESIGN §9)
+        else:  # every token masked: nothing to learn from, and no division by zero (docs/ais.md, "Nothing left")
             self.metrics.skipped_steps.inc()
             log.warning("every token masked: step skipped", extra=log_fields(step=self.step + 1))
         lap("update")

@@ -111,7 +111,7 @@ class UpdateStats:
 
 
 def token_coefficients(arrays: MismatchArrays, config: CorrectionConfig, alpha: float, keep: np.ndarray) -> np.ndarray:
-    """c_i = (1 - alpha) + alpha * wt_i on kept tokens, 0 elsewhere (DESIGN §2), for any alpha.
+    """c_i = (1 - alpha) + alpha * wt_i on kept tokens, 0 elsewhere (docs/ais.md), for any alpha.
 
     wt_i = min(w_i, C), self-normalized over the kept tokens when the config says so. The diagnostics
     service answers with alpha and statistics only; the masks (mis, veto, opsm, IcePop, rejection,

@@ -1,6 +1,6 @@
 """The rollout-engine interface: sample G completions per prompt, with the logprob of every sampled token.
 
-Invariant (DESIGN §3, §9): `Completion.logprobs[i]` is the log-probability of `token_ids[i]` under
+Invariant (docs/ais.md, "The logprob contract"): `Completion.logprobs[i]` is the log-probability of `token_ids[i]` under
 the distribution it was sampled from, `log_softmax(logits / temperature)` of the weights the
 engine holds, at the precision it runs. Sampling never truncates that distribution in training:
 top-p < 1 or top-k > 0 is refused unless `SamplingConfig.training` is False. A NaN, infinite,

@@ -71,7 +71,7 @@ async def test_step_uses_the_services_alpha_mixed_gradient_and_lowers_the_loss(t
         coef = await learner.diagnostics.coefficient(prepared.arrays, step=1, version=0, prev_ema=None)
         assert not coef.computed_locally and 0.05 < coef.alpha < 0.95, coef.alpha
 
-        # The gradient the trainer uses is exactly (1 - alpha) g_PG + alpha g_IS (DESIGN §2).
+        # The gradient the trainer uses is exactly (1 - alpha) g_PG + alpha g_IS (docs/ais.md).
         config = learner.settings.correction_config()
         keep = compute_coefficient(prepared.arrays, config).token_keep
         g_mix = learner.trainer.gradient(prepared, coef.token_coef)

@@ -1,4 +1,4 @@
-"""compute_coefficient against a deliberately naive, per-token Python-loop reference of DESIGN §2.
+"""compute_coefficient against a deliberately naive, per-token Python-loop reference of docs/ais.md.
 
 The reference below is written from the formulas alone (lists of floats, `math`, one token at a
 time, no numpy and nothing shared with aisrl.core.ais), so the vectorized, blocked implementation

@@ -1,5 +1,5 @@
 """GRPO advantages and the AIS-mixed PPO-clip loss, including the autograd proof that the gradient
-with coefficient alpha is exactly (1 - alpha) * g_PG + alpha * g_IS (DESIGN §2)."""
+with coefficient alpha is exactly (1 - alpha) * g_PG + alpha * g_IS (docs/ais.md)."""
 
 from __future__ import annotations
 
