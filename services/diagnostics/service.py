@@ -35,18 +35,16 @@ class CoefficientService:
         else:
             result = compute_coefficient(arrays, config, prev_ema)
         elapsed = time.perf_counter() - started
-        self.metrics.compute_seconds.labels(path=path).observe(elapsed)
-        self.metrics.tokens.labels(path=path).inc(result.n_tokens)
+        self._count(path, elapsed, result.n_tokens)
         return result, elapsed * 1e3
 
-    async def compute_stateless(self, arrays: MismatchArrays, config: CorrectionConfig) -> dict[str, Any]:
-        result, compute_ms = await self.compute(arrays, config, None, path="rest")
-        return result_fields(result) | {"compute_ms": compute_ms}
+    def _count(self, path: str, seconds: float, n_tokens: int) -> None:
+        self.metrics.compute_seconds.labels(path=path).observe(seconds)
+        self.metrics.tokens.labels(path=path).inc(n_tokens)
 
     def observe_stateless(self, fields: dict[str, Any], compute_s: float) -> dict[str, Any]:
         """The REST answer for a batch computed elsewhere (rest_compute.py), counted like compute() counts."""
-        self.metrics.compute_seconds.labels(path="rest").observe(compute_s)
-        self.metrics.tokens.labels(path="rest").inc(fields["n_tokens"])
+        self._count("rest", compute_s, fields["n_tokens"])
         return fields | {"compute_ms": compute_s * 1e3}
 
     async def record_local(self, record: dict[str, Any]) -> dict[str, Any]:
